@@ -1,0 +1,123 @@
+"""``activate``: validate the user's objects and compose the mechanisms of a recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optimizer import DeepOptimizer
+from .recipes import resolve
+
+__all__ = ["activate", "deactivate"]
+
+
+def activate(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    recipe: str = "default",
+    enabled: bool = True,
+    **overrides: Any,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Turn deepopt on for ``model`` trained by ``optimizer``; return the objects to keep using.
+
+    The user's loop stays as it is: ``loss.backward(); optimizer.step();
+    optimizer.zero_grad()``, ``model.eval()`` to evaluate (with deepopt's evaluation
+    weights), ``state_dict()`` to save. Schedulers built on the original optimizer
+    before this call, or on the returned one after, both work.
+
+    Args:
+        model: the network (any ``nn.Module``, DDP-wrapped or not).
+        optimizer: any ``torch.optim.Optimizer`` over (a subset of) ``model``'s parameters.
+        recipe: ``"default"`` (about 1x cost), ``"thorough"`` (up to 2x; exact SAM
+            when ``step(closure)`` is used) or ``"safe"`` (calibration and guard only).
+        enabled: ``False`` returns ``model`` and ``optimizer`` untouched, for A/B runs.
+        **overrides: fields of :class:`deepopt.Settings` replacing the recipe's values,
+            e.g. ``rho=0.05``, ``average="ema"``, ``ema_decay=0.999``.
+
+    Returns:
+        ``(model, optimizer)``: the same model (with hooks) and a
+        :class:`~deepopt.optimizer.DeepOptimizer` sharing the optimizer's state.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not an optimizer.
+        ValueError: unknown recipe/override, out-of-range value, optimizer parameters
+            that are not the model's, or nothing to train.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model, opt = deepopt.activate(model, opt)
+        >>> loss = model(torch.ones(2, 3)).pow(2).mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> deepopt.activate(model, opt)[1] is opt  # activating twice is a no-op
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; pass the network "
+            "itself, e.g. activate(model, optimizer)."
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+            "build one first, e.g. torch.optim.SGD(model.parameters(), lr=0.1)."
+        )
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}.")
+    settings = resolve(recipe, overrides)  # validated even when disabled: typos surface in A/B runs
+    if not enabled:
+        return model, optimizer
+    if isinstance(optimizer, DeepOptimizer):
+        if optimizer.model is model:
+            return model, optimizer
+        raise ValueError(
+            "optimizer is already activated for another model; pass the original optimizer "
+            "of this model, or call deepopt.deactivate first."
+        )
+    existing = getattr(optimizer, "_deepopt_wrapper", None)
+    if existing is not None:
+        if existing.model is model:
+            return model, existing
+        raise ValueError("optimizer is already activated for another model; call deepopt.deactivate first.")
+    _check_params(model, optimizer)
+    wrapper = DeepOptimizer(optimizer, model, settings)
+    optimizer._deepopt_wrapper = wrapper  # type: ignore[attr-defined]
+    return model, wrapper
+
+
+def deactivate(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Undo :func:`activate`: remove the hooks, show the training weights, return the base optimizer.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(3, 1)
+        >>> base = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model, opt = deepopt.activate(model, base)
+        >>> deepopt.deactivate(model, opt)[1] is base
+        True
+    """
+    if isinstance(optimizer, DeepOptimizer):
+        return model, optimizer.detach()
+    existing = getattr(optimizer, "_deepopt_wrapper", None)
+    return model, (existing.detach() if existing is not None else optimizer)
+
+
+def _check_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_params = {id(p) for p in model.parameters()}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    foreign = [p for p in opt_params if id(p) not in model_params]
+    if foreign:
+        raise ValueError(
+            f"optimizer holds {len(foreign)} parameter(s) that are not model's parameters "
+            f"(shapes {[tuple(p.shape) for p in foreign[:3]]}); build the optimizer from "
+            "model.parameters() of the model you pass to activate."
+        )
+    if not any(p.requires_grad for p in opt_params):
+        raise ValueError(
+            "model has no trainable parameters in optimizer (all have requires_grad=False); "
+            "unfreeze some parameters or pass the optimizer that trains them."
+        )

@@ -1,0 +1,5 @@
+"""The training mechanisms, one module each: a pure function on tensors plus a thin state.
+
+Mechanisms never import each other; :mod:`deepopt.optimizer` is the only place that
+composes them.
+"""

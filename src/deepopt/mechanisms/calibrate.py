@@ -1,0 +1,100 @@
+"""Start-up calibration for networks whose signal vanishes or explodes with depth.
+
+On the first training batch, one forward pass measures the standard deviation of the
+output of every linear and convolutional layer. If the last layer's output is more
+than ``threshold`` times smaller (or larger) than the first layer's, the signal does
+not propagate and plain training stalls (the seed's Net 4, 20 plain conv layers with
+Xavier init, stays at 10% accuracy). Only then are the layers rescaled, first to last,
+so that each layer's output has unit standard deviation on that batch
+(LSUV, Mishkin & Matas, ICLR 2016, without the orthonormal pre-init, which would
+change the user's init). Networks whose signal already propagates are left alone:
+rescaling them ends lower (calibration.md, Net 1).
+
+Cost: a handful of forward passes on one batch, once.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deepopt.mechanisms.calibrate import layer_output_stds, calibrate_
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(*[m for _ in range(30) for m in (nn.Linear(32, 32, bias=False), nn.ReLU())])
+    >>> x = torch.randn(64, 32)
+    >>> stds = layer_output_stds(net, (x,), {})
+    >>> stds[-1] / stds[0] < 1e-3
+    True
+    >>> calibrate_(net, (x,), {})
+    True
+    >>> abs(layer_output_stds(net, (x,), {})[-1] - 1.0) < 0.1
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["layer_output_stds", "signal_ratio", "calibrate_"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _LAYERS) and m.weight.requires_grad]
+
+
+@torch.no_grad()
+def _stds(model: nn.Module, layers: list[nn.Module], args: tuple, kwargs: dict) -> list[float]:
+    stds: dict[nn.Module, float] = {}
+
+    def record(module: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and module not in stds:
+            stds[module] = out.float().std().item()
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [stds[m] for m in layers if m in stds]
+
+
+def layer_output_stds(model: nn.Module, args: tuple, kwargs: dict) -> list[float]:
+    """Standard deviation of each linear/conv layer's output, in call order."""
+    return _stds(model, _layers(model), args, kwargs)
+
+
+def signal_ratio(stds: list[float]) -> float:
+    """``std(last layer) / std(first layer)``; 1.0 when there are fewer than 2 layers."""
+    if len(stds) < 2 or stds[0] == 0:
+        return 1.0
+    return stds[-1] / stds[0]
+
+
+@torch.no_grad()
+def calibrate_(
+    model: nn.Module, args: tuple, kwargs: dict, threshold: float = 1e-2, iters: int = 3
+) -> bool:
+    """Rescale layer weights in place if the signal vanishes/explodes; return whether it did.
+
+    Args:
+        model: the network (its mode, RNG and buffers are the caller's to protect).
+        args, kwargs: one batch of inputs, as the model's forward takes them.
+        threshold: calibrate when ``signal_ratio`` is below ``threshold`` or above
+            ``1 / threshold``.
+        iters: LSUV passes per layer (each divides the weight by the measured std).
+    """
+    layers = _layers(model)
+    ratio = signal_ratio(_stds(model, layers, args, kwargs))
+    if threshold <= ratio <= 1.0 / threshold:
+        return False
+    for layer in layers:
+        for _ in range(iters):
+            std = _stds(model, [layer], args, kwargs)
+            if not std or std[0] == 0 or abs(std[0] - 1.0) < 0.02:
+                break
+            layer.weight.div_(std[0])
+    return True

@@ -1,0 +1,395 @@
+"""The optimizer wrapper: where deepopt's mechanisms meet the user's optimizer.
+
+``DeepOptimizer`` shares ``param_groups``, ``state`` and ``defaults`` with the user's
+optimizer (it owns no copies), so any LR scheduler built on either object drives the
+learning rate the update uses, and step hooks registered on either fire once per step.
+
+The model's parameters are shown in one of three *views*:
+
+* ``"train"``: the training weights ``w`` (what the base optimizer updates);
+* ``"perturbed"``: ``w + e`` during a training forward/backward (sharpness-aware);
+* ``"eval"``: the averaged evaluation weights and their BatchNorm statistics.
+
+Leaving a view always copies the saved training weights back (never subtracts), and
+every place a user can observe the model (``step``, ``zero_grad``, ``eval`` forward,
+``state_dict``, an exception in ``forward``) first puts the right view in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .mechanisms.average import WeightAverage
+from .mechanisms.calibrate import calibrate_
+from .mechanisms.guard import DivergenceGuard, all_finite
+from .mechanisms.perturb import direction, perturbation
+from .recipes import Settings
+
+__all__ = ["DeepOptimizer", "STATE_VERSION"]
+
+STATE_VERSION = 1
+
+
+class _ModelHook:
+    """Callable stored in the model's hook dicts; inert once copied or unpickled.
+
+    Copies of an activated model (``deepcopy``, ``pickle``) are plain models: the hook
+    forgets its optimizer instead of dragging it (and its state) along.
+    """
+
+    def __init__(self, owner: DeepOptimizer, method: str) -> None:
+        self.owner: DeepOptimizer | None = owner
+        self.method = method
+
+    def __call__(self, *args: Any) -> Any:
+        if self.owner is not None:
+            return getattr(self.owner, self.method)(*args)
+        return None
+
+    def __getstate__(self) -> dict:
+        return {"method": self.method}
+
+    def __setstate__(self, state: dict) -> None:
+        self.owner, self.method = None, state["method"]
+
+
+class DeepOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs the user's optimizer with deepopt's mechanisms.
+
+    Built by :func:`deepopt.activate`; not meant to be constructed directly.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model, opt = deepopt.activate(model, opt, rho=0.05)
+        >>> isinstance(opt, torch.optim.Optimizer), opt.param_groups is opt.optimizer.param_groups
+        (True, True)
+    """
+
+    # GradScaler must unscale before calling step(); never hand it the fused path.
+    _step_supports_amp_scaling = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, settings: Settings) -> None:
+        # No super().__init__(): the state lives in the base optimizer (accelerate's
+        # pattern); __getattr__ forwards everything else, hook dicts included.
+        self.optimizer = optimizer
+        self.model = model
+        self.settings = settings
+        self.steps = 0
+        self.calibrated: bool | None = None if settings.calibrate else False
+        self.average = WeightAverage(settings.average, settings.ema_decay) if settings.average else None
+        self.guard = DivergenceGuard(settings.max_skips) if settings.guard else None
+        self._max_lr = 0.0
+        self._last_grads: dict[Tensor, Tensor] = {}
+        self._view = "train"
+        self._shown: list[Tensor] = []
+        self._backup: list[Tensor] = []
+        self._hold = False  # mechanisms paused (inside calibration / two-pass SAM)
+        self._pending_train_weights: list[Tensor] | None = None
+        self._handles = [
+            model.register_forward_pre_hook(_ModelHook(self, "_on_forward"), with_kwargs=True),
+            model.register_forward_hook(_ModelHook(self, "_on_forward_done")),
+            model.register_forward_hook(_ModelHook(self, "_on_forward_exit"), always_call=True),
+            model.register_state_dict_pre_hook(_ModelHook(self, "_on_state_dict")),
+            model.register_load_state_dict_post_hook(_ModelHook(self, "_on_model_loaded")),
+        ]
+        self._forward_ok = False
+
+    # -- what torch.optim.Optimizer users and schedulers touch ---------------------------
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes this object lacks: forward to the base optimizer.
+        if name.startswith("__") or name == "optimizer" or "optimizer" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["optimizer"], name)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"DeepOptimizer({self.settings}, base={self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # No view change here: zero_grad() between forward and backward is a common idiom,
+        # and moving the weights then would break autograd.
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
+        if closure is not None and self.settings.sam_rho > 0:
+            return self._two_pass_step(closure, **kwargs)
+        loss = None
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+        finally:
+            self._show("train")
+        if not self._finite(loss):
+            return loss
+        self.optimizer.step(**kwargs)
+        self._after_update()
+        return loss
+
+    def _two_pass_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        params = self._params()
+        self._show("train")
+        self._hold = True
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            if not self._finite(loss):
+                return loss
+            with_grad = [p for p in params if p.grad is not None]
+            e = perturbation(
+                [p.grad for p in with_grad], self.settings.sam_rho,
+                weights=with_grad if self.settings.adaptive else None,
+            )
+            buffers = list(self.model.buffers())
+            saved_buffers = [b.clone() for b in buffers]
+            self._enter(with_grad, "perturbed")
+            with torch.no_grad():
+                torch._foreach_add_(with_grad, e)
+            self.optimizer.zero_grad()
+            with torch.enable_grad():
+                closure()
+            # The second pass must not move BatchNorm running statistics.
+            with torch.no_grad():
+                for b, s in zip(buffers, saved_buffers):
+                    b.copy_(s)
+        finally:
+            self._show("train")
+            self._hold = False
+        if not self._finite(None):
+            return loss
+        self.optimizer.step(**kwargs)
+        self._after_update()
+        return loss
+
+    def _finite(self, loss: Any) -> bool:
+        if self.guard is None:
+            return True
+        ok = loss is None or not isinstance(loss, Tensor) or bool(torch.isfinite(loss.detach()).all())
+        ok = ok and all_finite([p.grad for p in self._params() if p.grad is not None])
+        self.guard.record(ok)
+        return ok
+
+    @torch.no_grad()
+    def _after_update(self) -> None:
+        self.steps += 1
+        self._pending_train_weights = None
+        lr = float(self.param_groups[0]["lr"])
+        if self.average is not None:
+            self.average.update(self._eval_targets(), lr=lr)
+        if self.settings.rho > 0 and not self._has_momentum():
+            self._last_grads = {p: p.grad.clone() for p in self._params() if p.grad is not None}
+
+    # -- views ---------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _eval_targets(self) -> list[Tensor]:
+        return self._params() + list(self.model.buffers())
+
+    def _has_momentum(self) -> bool:
+        return any(direction(s)[0] is not None for s in self.optimizer.state.values())
+
+    @torch.no_grad()
+    def _enter(self, tensors: list[Tensor], view: str) -> None:
+        """Save ``tensors`` (the training values) so leaving ``view`` can copy them back."""
+        if len(self._backup) != len(tensors) or any(
+            b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._backup, tensors)
+        ):
+            self._backup = [t.detach().clone() for t in tensors]
+        else:
+            torch._foreach_copy_(self._backup, [t.detach() for t in tensors])
+        self._shown, self._view = tensors, view
+
+    @torch.no_grad()
+    def _show(self, view: str) -> None:
+        if view == self._view:
+            return
+        if self._view != "train":
+            torch._foreach_copy_(self._shown, self._backup)
+            self._view, self._shown = "train", []
+        if view == "perturbed":
+            self._perturb()
+        elif view == "eval" and self.average is not None and self.average.tensors is not None:
+            targets = self._eval_targets()
+            if len(targets) == len(self.average.tensors):
+                self._enter(targets, "eval")
+                torch._foreach_copy_(targets, self.average.tensors)
+
+    def _perturb(self) -> None:
+        s = self.settings
+        lr = float(self.param_groups[0]["lr"])
+        self._max_lr = max(self._max_lr, lr)
+        rho = s.rho * (lr / self._max_lr if s.rho_follows_lr and self._max_lr > 0 else 1.0)
+        if rho <= 0:
+            return
+        params, dirs, sign = [], [], 1.0
+        for p in self._params():
+            d, d_sign = direction(self.optimizer.state.get(p, {}))
+            if d is None:
+                d, d_sign = self._last_grads.get(p), 1.0
+            if d is not None:
+                params.append(p)
+                dirs.append(d)
+                sign = d_sign
+        if not params:
+            return
+        e = perturbation(dirs, rho, weights=params if s.adaptive else None)
+        self._enter(params, "perturbed")
+        torch._foreach_add_(params, e, alpha=sign)
+
+    # -- model hooks ---------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._hold:
+            return
+        grad = torch.is_grad_enabled()
+        if not module.training:
+            self._show("eval")
+            return
+        if self.calibrated is None and grad:
+            self._calibrate(module, args, kwargs)
+        self._show("perturbed" if grad and self.settings.rho > 0 else "train")
+        self._forward_ok = False
+
+    def _on_forward_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._forward_ok = True
+
+    def _on_forward_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # Registered with always_call: reached without _on_forward_done only if forward raised.
+        if not self._forward_ok and self._view == "perturbed" and not self._hold:
+            self._show("train")
+        self._forward_ok = False
+
+    def _on_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        if not self._hold:
+            self._show("train" if module.training else "eval")
+
+    def _on_model_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
+        # The loaded values are now the truth for whatever view was shown.
+        self._view, self._shown = "train", []
+        if self._pending_train_weights is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params(), self._pending_train_weights)
+        elif self.average is not None:
+            self.average.tensors = None  # new weights: the average restarts from them
+
+    @torch.no_grad()
+    def _calibrate(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Measuring must not change the trajectory of a net that needs no calibration:
+        # keep the RNG (dropout) and the BatchNorm running statistics as they were.
+        self._hold = True
+        rng = torch.get_rng_state()
+        buffers = list(module.buffers())
+        saved = [b.clone() for b in buffers]
+        try:
+            self.calibrated = calibrate_(module, args, kwargs, self.settings.calibrate_threshold)
+        finally:
+            torch.set_rng_state(rng)
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+            self._hold = False
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _train_weights(self) -> list[Tensor]:
+        params = self._params()
+        if self._view == "train":
+            return [p.detach().clone() for p in params]
+        shown = {id(t): i for i, t in enumerate(self._shown)}
+        return [self._backup[shown[id(p)]].clone() if id(p) in shown else p.detach().clone() for p in params]
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """The base optimizer's state dict plus a ``"deepopt"`` entry with deepopt's state."""
+        state = self.optimizer.state_dict()
+        params = self._params()
+        state["deepopt"] = {
+            "version": STATE_VERSION,
+            "steps": self.steps,
+            "calibrated": self.calibrated,
+            "max_lr": self._max_lr,
+            "average": None if self.average is None else self.average.state_dict(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
+            "last_grads": [self._last_grads.get(p) for p in params] if self._last_grads else None,
+            # model.state_dict() may hold the evaluation weights; resuming needs these.
+            "train_weights": self._train_weights() if self.average is not None else None,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Load a state saved by :meth:`state_dict` (or a plain optimizer state dict)."""
+        state_dict = dict(state_dict)
+        deep = state_dict.pop("deepopt", None)
+        self.optimizer.load_state_dict(state_dict)
+        if deep is None:
+            return
+        version = deep.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"optimizer state has deepopt format version {version!r}; this deepopt reads "
+                f"version {STATE_VERSION}. Load it with the deepopt release that saved it, or "
+                "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
+            )
+        self._show("train")
+        params = self._params()
+        self.steps = int(deep["steps"])
+        self.calibrated = deep["calibrated"] if self.settings.calibrate else False
+        self._max_lr = float(deep["max_lr"])
+        if self.average is not None and deep["average"] is not None:
+            self.average.load_state_dict(deep["average"])
+        if self.guard is not None and deep["guard"] is not None:
+            self.guard.load_state_dict(deep["guard"])
+        grads = deep["last_grads"] or []
+        self._last_grads = {p: g.clone() for p, g in zip(params, grads) if g is not None}
+        weights = deep["train_weights"]
+        if weights is not None and self.average is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(params, weights)
+            self._pending_train_weights = [w.clone() for w in weights]
+
+    # -- undo ----------------------------------------------------------------------------
+    def detach(self) -> torch.optim.Optimizer:
+        """Remove deepopt from the model (training weights shown) and return the base optimizer."""
+        self._show("train")
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self.optimizer, "_deepopt_wrapper", None) is self:
+            del self.optimizer._deepopt_wrapper
+        return self.optimizer

@@ -1,0 +1,94 @@
+"""Named recipes: which mechanisms ``activate`` turns on, and with what settings.
+
+Every default carries its reason; the ablation behind each is in BENCHMARKS.md.
+
+Example:
+    >>> from deepopt.recipes import resolve
+    >>> resolve("default", {}).guard
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+__all__ = ["Settings", "RECIPES", "resolve"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All knobs of deepopt; a recipe is one instance, overrides replace fields.
+
+    Attributes:
+        rho: radius of the momentum-direction perturbation (zero extra passes);
+            0 turns it off.
+        rho_follows_lr: scale ``rho`` by ``lr / initial lr`` so the perturbation
+            shrinks with the learning rate schedule.
+        adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
+        sam_rho: radius of exact two-pass SAM, used when ``step(closure)`` is given;
+            0 turns it off.
+        average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
+            current LR phase); what ``model.eval()`` computes with.
+        ema_decay: EMA decay in ``[0, 1)``.
+        calibrate: rescale the init on the first batch, only if the signal vanishes.
+        calibrate_threshold: vanishing/exploding limit of the last/first layer
+            output std ratio.
+        guard: skip steps with non-finite gradients.
+        max_skips: consecutive skipped steps before the guard raises.
+    """
+
+    rho: float = 0.0
+    rho_follows_lr: bool = False
+    adaptive: bool = False
+    sam_rho: float = 0.0
+    average: str | None = None
+    ema_decay: float = 0.999
+    calibrate: bool = True
+    calibrate_threshold: float = 1e-2
+    guard: bool = True
+    max_skips: int = 20
+
+    def validate(self) -> Settings:
+        """Raise ``ValueError`` naming the field, the value and the valid range."""
+        for name in ("rho", "sam_rho"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
+        if self.average not in (None, "ema", "phase"):
+            raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
+        if not 0.0 < self.calibrate_threshold < 1.0:
+            raise ValueError(
+                f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-2."
+            )
+        if not isinstance(self.max_skips, int) or self.max_skips < 1:
+            raise ValueError(f"max_skips={self.max_skips!r} is invalid: it must be an integer >= 1.")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+RECIPES: dict[str, Settings] = {
+    # Start-up calibration rescues nets that cannot train and leaves the rest untouched;
+    # the guard costs one reduction per step. Perturbation/averaging: see BENCHMARKS.md.
+    "default": Settings(),
+    # Up to 2x compute: exact SAM when a closure is given (BENCHMARKS.md, "thorough").
+    "thorough": Settings(sam_rho=0.05),
+    # Only the safety nets, for A/B comparisons of the other mechanisms.
+    "safe": Settings(),
+}
+
+
+def resolve(recipe: str, overrides: dict) -> Settings:
+    """The settings of ``recipe`` with ``overrides`` applied and validated."""
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r} is unknown; valid recipes: {', '.join(sorted(RECIPES))}.")
+    valid = {f.name for f in fields(Settings)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown override(s) {', '.join(unknown)}; valid overrides: {', '.join(sorted(valid))}."
+        )
+    return replace(RECIPES[recipe], **overrides).validate()

@@ -44,7 +44,7 @@ class Settings:
     average: str | None = None
     ema_decay: float = 0.999
     calibrate: bool = True
-    calibrate_threshold: float = 1e-2
+    calibrate_threshold: float = 1e-3
     guard: bool = True
     max_skips: int = 20
 
@@ -60,7 +60,7 @@ class Settings:
             raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
         if not 0.0 < self.calibrate_threshold < 1.0:
             raise ValueError(
-                f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-2."
+                f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-3."
             )
         if not isinstance(self.max_skips, int) or self.max_skips < 1:
             raise ValueError(f"max_skips={self.max_skips!r} is invalid: it must be an integer >= 1.")

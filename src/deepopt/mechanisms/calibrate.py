@@ -1,8 +1,8 @@
 """Start-up calibration for networks whose signal vanishes or explodes with depth.
 
 On the first training batch, one forward pass measures the standard deviation of the
-output of every linear and convolutional layer. If the last layer's output is more
-than ``threshold`` times smaller (or larger) than the first layer's, the signal does
+output of every linear and convolutional layer. If some layer's output is more than
+``threshold`` times smaller (or larger) than the first layer's, the signal does
 not propagate and plain training stalls (the seed's Net 4, 20 plain conv layers with
 Xavier init, stays at 10% accuracy). Only then are the layers rescaled, first to last,
 so that each layer's output has unit standard deviation on that batch
@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -50,8 +51,8 @@ def _stds(model: nn.Module, layers: list[nn.Module], args: tuple, kwargs: dict) 
     stds: dict[nn.Module, float] = {}
 
     def record(module: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor) and module not in stds:
-            stds[module] = out.float().std().item()
+        if isinstance(out, torch.Tensor) and out.numel() > 1 and module not in stds:
+            stds[module] = out.float().std(correction=0).item()
 
     handles = [m.register_forward_hook(record) for m in layers]
     try:
@@ -68,15 +69,20 @@ def layer_output_stds(model: nn.Module, args: tuple, kwargs: dict) -> list[float
 
 
 def signal_ratio(stds: list[float]) -> float:
-    """``std(last layer) / std(first layer)``; 1.0 when there are fewer than 2 layers."""
+    """The most extreme ``std(layer k) / std(first layer)``: below 1 vanishing, above exploding.
+
+    The extreme over depth rather than the last layer alone, because a bias in the last
+    layer can hide a signal that died on the way.
+    """
     if len(stds) < 2 or stds[0] == 0:
         return 1.0
-    return stds[-1] / stds[0]
+    ratios = [s / stds[0] for s in stds[1:]]
+    return max(ratios, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)
 
 
 @torch.no_grad()
 def calibrate_(
-    model: nn.Module, args: tuple, kwargs: dict, threshold: float = 1e-2, iters: int = 3
+    model: nn.Module, args: tuple, kwargs: dict, threshold: float = 1e-3, iters: int = 3
 ) -> bool:
     """Rescale layer weights in place if the signal vanishes/explodes; return whether it did.
 

@@ -1,0 +1,71 @@
+"""Weight averaging: hand-computed EMA/phase averages, eval weights, BatchNorm buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import bn_cnn, data, train
+from torch import nn
+
+import deepopt
+from deepopt.mechanisms.average import WeightAverage, average_, ema_decay
+
+
+def test_ema_decay_warmup():
+    assert ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay(8, 0.999) == pytest.approx(9 / 18)
+    assert ema_decay(10**7, 0.999) == 0.999
+    assert ema_decay(0, 0.9, warmup=False) == 0.9
+
+
+def test_ema_matches_hand_computation():
+    avg = WeightAverage("ema", decay=0.5, warmup=False)
+    for v in (1.0, 3.0, 7.0):
+        avg.update([torch.tensor([v])])
+    # a1 = 1; a2 = .5*1 + .5*3 = 2; a3 = .5*2 + .5*7 = 4.5
+    assert avg.tensors[0].item() == pytest.approx(4.5)
+
+
+def test_phase_average_restarts_when_lr_changes():
+    avg = WeightAverage("phase")
+    for v, lr in ((1.0, 0.1), (3.0, 0.1), (10.0, 0.01), (20.0, 0.01), (30.0, 0.01)):
+        avg.update([torch.tensor([v])], lr=lr)
+    assert avg.tensors[0].item() == pytest.approx(20.0) and avg.count == 3
+
+
+def test_average_copies_integer_buffers():
+    a = [torch.tensor([1.0]), torch.tensor(3)]
+    average_(a, [torch.tensor([3.0]), torch.tensor(5)], 0.5)
+    assert a[0].item() == 2.0 and a[1].item() == 5
+
+
+def test_eval_uses_averaged_weights_and_bn_stats_then_train_resumes():
+    torch.manual_seed(0)
+    model = bn_cnn()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  average="ema", ema_decay=0.9)
+    x, y = data("img")
+    train(model, opt, x, y, steps=5)
+    train_state = {k: v.clone() for k, v in model.state_dict().items()}
+    avg = opt.average.tensors
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    names = [n for n, p in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    for name, a in zip(names, avg):
+        assert torch.equal(model.state_dict()[name], a), name
+    assert not torch.equal(model.state_dict()["0.weight"], train_state["0.weight"])
+    model.train()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, train_state[k]), k
+    train(model, opt, x, y, steps=2)
+
+
+def test_state_dict_in_eval_mode_holds_eval_weights_without_a_forward():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.5), average="ema")
+    for _ in range(3):
+        model(torch.randn(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
+    model.eval()
+    assert torch.equal(model.state_dict()["weight"], opt.average.tensors[0])

@@ -1,0 +1,161 @@
+"""Sharpness-aware perturbation: maths, where the gradient is taken, restore by copy."""
+
+from __future__ import annotations
+
+import torch
+from conftest import bn_cnn, data, mlp, params_of, train
+from torch import nn
+
+import deepopt
+from deepopt.mechanisms.perturb import direction, perturbation
+
+
+def test_perturbation_matches_hand_computation():
+    d = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
+    e = perturbation(d, rho=0.5)
+    torch.testing.assert_close(e[0], torch.tensor([0.3, 0.0]))
+    torch.testing.assert_close(e[1], torch.tensor([[0.4]]))
+
+
+def test_adaptive_perturbation_matches_asam_formula():
+    d, w = [torch.tensor([1.0, 2.0])], [torch.tensor([0.99, -1.99])]
+    t = w[0].abs() + 0.01  # [1, 2]
+    expected = 0.3 * t * t * d[0] / torch.linalg.vector_norm(t * d[0])
+    torch.testing.assert_close(perturbation(d, 0.3, weights=w)[0], expected)
+
+
+def test_zero_direction_gives_zero_perturbation():
+    assert torch.equal(perturbation([torch.zeros(3)], rho=1.0)[0], torch.zeros(3))
+
+
+def test_direction_reads_sgd_and_adam_buffers():
+    assert direction({"momentum_buffer": torch.ones(1)})[1] == -1.0
+    assert direction({"exp_avg": torch.ones(1), "exp_avg_sq": torch.ones(1)})[0] is not None
+    assert direction({"square_avg": torch.ones(1)}) == (None, 0.0)
+
+
+def test_gradient_is_taken_at_w_minus_rho_unit_momentum():
+    """One linear layer: the 2nd step's gradient equals the gradient at w - rho m/||m||."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    ref = nn.Linear(4, 1)
+    ref.load_state_dict(model.state_dict())
+    rho = 0.3
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho)
+    x = torch.randn(8, 4)
+    model(x).pow(2).mean().backward()
+    opt.step(); opt.zero_grad()
+    w = [p.detach().clone() for p in model.parameters()]
+    m = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in m]))
+    with torch.no_grad():
+        for p_ref, wi, mi in zip(ref.parameters(), w, m):
+            p_ref.copy_(wi - rho * mi / norm)
+    ref(x).pow(2).mean().backward()
+    model(x).pow(2).mean().backward()
+    for p, p_ref in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+    # ...and the update is applied to w, not to the perturbed point
+    opt.step()
+    buf = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    for p, wi, b in zip(model.parameters(), w, buf):
+        torch.testing.assert_close(p.detach(), wi - 0.1 * b)
+
+
+def test_restore_is_by_copy_bitwise():
+    torch.manual_seed(0)
+    model = mlp()
+    model, opt = deepopt.activate(model, torch.optim.Adam(model.parameters(), lr=1e-3), rho=0.7)
+    x, y = data()
+    train(model, opt, x, y, steps=3)
+    before = params_of(model)
+    model(x)  # perturbs
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    after = params_of(model)  # state_dict observes: perturbation removed
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_eval_sees_unperturbed_weights_and_train_resumes():
+    torch.manual_seed(0)
+    model = mlp()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+    x, y = data()
+    train(model, opt, x, y, steps=3)
+    w = [p.detach().clone() for p in model.parameters()]
+    model(x)  # training forward: perturbed
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    torch.testing.assert_close(out, torch.func.functional_call(model, dict(zip(
+        [n for n, _ in model.named_parameters()], w)), (x,)))
+    model.train()
+    train(model, opt, x, y, steps=2)
+
+
+def test_forward_that_raises_leaves_model_unperturbed():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.explode = False
+
+        def forward(self, x):
+            out = self.lin(x)
+            if self.explode:
+                raise RuntimeError("user error")
+            return out
+
+    model = Boom()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+    x = torch.randn(4, 3)
+    model(x).sum().backward(); opt.step(); opt.zero_grad()
+    w = [p.detach().clone() for p in model.parameters()]
+    model.explode = True
+    try:
+        model(x)
+    except RuntimeError:
+        pass
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+def test_two_pass_sam_matches_reference_and_keeps_bn_stats():
+    torch.manual_seed(0)
+    model = bn_cnn()
+    ref = bn_cnn()
+    ref.load_state_dict(model.state_dict())
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="thorough",
+                                  guard=False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = data("img", n=16)
+    loss_fn = nn.functional.cross_entropy
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    # reference SAM by hand: grad at w, e = rho g/||g||, grad at w+e (BN stats of pass 1 only)
+    loss_fn(ref(x), y).backward()
+    bn_stats = [b.clone() for b in ref.buffers()]
+    g = [p.grad.clone() for p in ref.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in g]))
+    w = [p.detach().clone() for p in ref.parameters()]
+    with torch.no_grad():
+        for p, gi in zip(ref.parameters(), g):
+            p.add_(0.05 * gi / norm)
+    ref_opt.zero_grad()
+    loss_fn(ref(x), y).backward()
+    with torch.no_grad():
+        for p, wi in zip(ref.parameters(), w):
+            p.copy_(wi)
+        for b, s in zip(ref.buffers(), bn_stats):
+            b.copy_(s)
+    ref_opt.step()
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(model[1].running_mean, ref[1].running_mean)

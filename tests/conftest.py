@@ -54,11 +54,11 @@ def data(kind: str = "vec", n: int = 64, seed: int = 0) -> tuple[torch.Tensor, t
 
 
 def train(model, optimizer, x, y, steps: int, loss_fn=nn.functional.cross_entropy, batch: int = 16,
-          scheduler=None, closure: bool = False):
+          scheduler=None, closure: bool = False, start: int = 0):
     """The user's loop, untouched by deepopt. Returns per-step losses."""
     losses = []
     for i in range(steps):
-        idx = torch.arange(i * batch, (i + 1) * batch) % len(x)
+        idx = torch.arange((start + i) * batch, (start + i + 1) * batch) % len(x)
         xb, yb = x[idx], y[idx]
         if closure:
             def step_closure():

@@ -89,7 +89,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._shown: list[Tensor] = []
         self._backup: list[Tensor] = []
         self._hold = False  # mechanisms paused (inside calibration / two-pass SAM)
-        self._pending_train_weights: list[Tensor] | None = None
+        self._pending_train_values: list[Tensor] | None = None
         self._handles = [
             model.register_forward_pre_hook(_ModelHook(self, "_on_forward"), with_kwargs=True),
             model.register_forward_hook(_ModelHook(self, "_on_forward_done")),
@@ -211,7 +211,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _after_update(self) -> None:
         self.steps += 1
-        self._pending_train_weights = None
+        self._pending_train_values = None
         lr = float(self.param_groups[0]["lr"])
         if self.average is not None:
             self.average.update(self._eval_targets(), lr=lr)
@@ -305,9 +305,9 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _on_model_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
         # The loaded values are now the truth for whatever view was shown.
         self._view, self._shown = "train", []
-        if self._pending_train_weights is not None:
+        if self._pending_train_values is not None:
             with torch.no_grad():
-                torch._foreach_copy_(self._params(), self._pending_train_weights)
+                torch._foreach_copy_(self._eval_targets(), self._pending_train_values)
         elif self.average is not None:
             self.average.tensors = None  # new weights: the average restarts from them
 
@@ -328,12 +328,13 @@ class DeepOptimizer(torch.optim.Optimizer):
             self._hold = False
 
     # -- checkpoints ---------------------------------------------------------------------
-    def _train_weights(self) -> list[Tensor]:
-        params = self._params()
-        if self._view == "train":
-            return [p.detach().clone() for p in params]
+    def _train_values(self) -> list[Tensor]:
+        """Training values of parameters and buffers, whatever view is shown."""
         shown = {id(t): i for i, t in enumerate(self._shown)}
-        return [self._backup[shown[id(p)]].clone() if id(p) in shown else p.detach().clone() for p in params]
+        return [
+            self._backup[shown[id(t)]].clone() if id(t) in shown else t.detach().clone()
+            for t in self._eval_targets()
+        ]
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """The base optimizer's state dict plus a ``"deepopt"`` entry with deepopt's state."""
@@ -348,7 +349,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             "guard": None if self.guard is None else self.guard.state_dict(),
             "last_grads": [self._last_grads.get(p) for p in params] if self._last_grads else None,
             # model.state_dict() may hold the evaluation weights; resuming needs these.
-            "train_weights": self._train_weights() if self.average is not None else None,
+            "train_values": self._train_values() if self.average is not None else None,
         }
         return state
 
@@ -377,11 +378,11 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.guard.load_state_dict(deep["guard"])
         grads = deep["last_grads"] or []
         self._last_grads = {p: g.clone() for p, g in zip(params, grads) if g is not None}
-        weights = deep["train_weights"]
-        if weights is not None and self.average is not None:
+        values = deep["train_values"]
+        if values is not None and self.average is not None:
             with torch.no_grad():
-                torch._foreach_copy_(params, weights)
-            self._pending_train_weights = [w.clone() for w in weights]
+                torch._foreach_copy_(self._eval_targets(), values)
+            self._pending_train_values = [v.clone() for v in values]
 
     # -- undo ----------------------------------------------------------------------------
     def detach(self) -> torch.optim.Optimizer:

@@ -61,7 +61,7 @@ def train(model, optimizer, x, y, steps: int, loss_fn=nn.functional.cross_entrop
         idx = torch.arange((start + i) * batch, (start + i + 1) * batch) % len(x)
         xb, yb = x[idx], y[idx]
         if closure:
-            def step_closure():
+            def step_closure(xb=xb, yb=yb):
                 optimizer.zero_grad()
                 loss = loss_fn(model(xb), yb)
                 loss.backward()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bn_cnn, data, mlp, params_of, train
 from torch import nn
 
 import deepopt
+from conftest import bn_cnn, data, mlp, params_of, train
 
 
 def seeded(factory=mlp, seed=0):

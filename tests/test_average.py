@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bn_cnn, data, train
 from torch import nn
 
 import deepopt
+from conftest import bn_cnn, data, train
 from deepopt.mechanisms.average import WeightAverage, average_, ema_decay
 
 

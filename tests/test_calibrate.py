@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import data, mlp, params_of, train
 from torch import nn
 
 import deepopt
+from conftest import data, mlp, params_of, train
 from deepopt.mechanisms.calibrate import calibrate_, layer_output_stds, signal_ratio
 
 

@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
-from conftest import bn_cnn, data, mlp, train
 from torch import nn
 
 import deepopt
+from conftest import bn_cnn, data, mlp, train
 
 RECIPE_CASES = [
     {"recipe": "default"},

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import data, mlp
 from torch import nn
 
 import deepopt
+from conftest import data, mlp
 from deepopt.mechanisms.guard import DivergenceGuard, all_finite
 
 

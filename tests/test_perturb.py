@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import bn_cnn, data, mlp, params_of, train
 from torch import nn
 
 import deepopt
+from conftest import bn_cnn, data, mlp, params_of, train
 from deepopt.mechanisms.perturb import direction, perturbation
 
 

@@ -17,7 +17,8 @@ every place a user can observe the model (``step``, ``zero_grad``, ``eval`` forw
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

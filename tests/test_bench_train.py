@@ -1,0 +1,163 @@
+"""The seed6 training loop on a tiny synthetic dataset, and the result rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepopt.bench.train import append_row, evaluate, finished, milestones, run
+
+ROW_KEYS = {
+    "net",
+    "mode",
+    "seed",
+    "epochs",
+    "test_acc",
+    "final_test_acc",
+    "max_test_acc",
+    "train_loss",
+    "sec_per_epoch",
+    "settings",
+    "torch",
+    "git_commit",
+    "threads",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.Tensor, ...]:
+    """256 train / 128 test random images whose class is learnable (a mean shift)."""
+    g = torch.Generator().manual_seed(123)
+    y = torch.randint(0, 10, (384,), generator=g)
+    x = torch.randn(384, 3, 32, 32, generator=g) + 0.3 * (y.view(-1, 1, 1, 1) - 4.5) / 4.5
+    return x[:256], y[:256], x[256:], y[256:]
+
+
+def test_row_and_determinism(tiny: tuple[torch.Tensor, ...]) -> None:
+    a = run(5, "classical", 0, 2, tiny, progress=False)
+    b = run(5, "classical", 0, 2, tiny, progress=False)
+    assert set(a) == ROW_KEYS
+    assert (a["net"], a["mode"], a["seed"], a["epochs"]) == (5, "classical", 0, 2)
+    assert len(a["test_acc"]) == len(a["train_loss"]) == 2
+    assert a["final_test_acc"] == a["test_acc"][-1] and a["max_test_acc"] == max(a["test_acc"])
+    assert all(0.0 <= v <= 100.0 for v in a["test_acc"])
+    assert all(math.isfinite(v) for v in a["train_loss"])
+    assert (
+        a["sec_per_epoch"] > 0 and a["settings"] == {} and a["threads"] == torch.get_num_threads()
+    )
+    assert a["torch"] == torch.__version__
+    json.dumps(a)  # a row must be plain JSON
+    assert a["test_acc"] == b["test_acc"]
+    assert a["train_loss"] == b["train_loss"]
+
+
+def test_seeds_differ(tiny: tuple[torch.Tensor, ...]) -> None:
+    a = run(5, "classical", 0, 2, tiny, progress=False)
+    c = run(5, "classical", 1, 2, tiny, progress=False)
+    assert a["train_loss"] != c["train_loss"]
+
+
+def test_closure_path_matches_plain_sgd(tiny: tuple[torch.Tensor, ...]) -> None:
+    """With plain SGD, step(closure) must train exactly as backward-then-step."""
+    a = run(6, "classical", 3, 1, tiny, progress=False)
+    b = run(6, "classical", 3, 1, tiny, activate_kwargs={"closure": True}, progress=False)
+    assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
+    assert b["settings"] == {"closure": True}
+
+
+def test_activated_mode_calls_activate_once(
+    tiny: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any mode but "classical" goes through deepopt.activate, without the "closure" key."""
+    calls = []
+
+    def activate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kw: object) -> tuple:
+        calls.append(kw)
+        return model, optimizer
+
+    fake = types.ModuleType("deepopt")
+    fake.activate = activate  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "deepopt", fake)
+    kw = {"recipe": "x", "closure": True}
+    a = run(6, "deepopt", 3, 1, tiny, activate_kwargs=kw, progress=False)
+    assert calls == [{"recipe": "x"}]
+    assert kw == {"recipe": "x", "closure": True}  # the caller's dict is not modified
+    assert a["settings"] == kw and a["mode"] == "deepopt"
+    # an identity activation trains exactly like the classical run
+    assert a["train_loss"] == run(6, "classical", 3, 1, tiny, progress=False)["train_loss"]
+
+
+def test_milestones() -> None:
+    assert milestones(1000) == [300, 600, 800]
+    assert milestones(20) == [6, 12, 16]
+
+
+def test_lr_schedule_reaches_optimizer(
+    tiny: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lrs: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    x_tr, y_tr, x_te, y_te = tiny
+    run(6, "classical", 0, 10, (x_tr[:64], y_tr[:64], x_te, y_te), progress=False)
+    # one step per epoch; x0.1 after epochs 3, 6, 8
+    assert lrs == pytest.approx([1e-2] * 3 + [1e-3] * 3 + [1e-4] * 2 + [1e-5] * 2)
+
+
+def test_evaluate_restores_mode() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        model[1].bias.zero_()
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [2.0, 1.0, 0, 0], [0, 3.0, 0, 0]])
+    y = torch.tensor([0, 1, 1, 1])
+    assert evaluate(model, x, y, batch_size=3) == 75.0
+    assert model.training
+    model.eval()
+    evaluate(model, x, y)
+    assert not model.training
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_epochs(tiny: tuple[torch.Tensor, ...], bad: object) -> None:
+    with pytest.raises(ValueError, match="epochs="):
+        run(5, "classical", 0, bad, tiny, progress=False)  # type: ignore[arg-type]
+
+
+def test_append_row_finished_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "rows.jsonl"
+    assert finished(path) == set()
+    rows = [
+        {"net": 1, "mode": "classical", "seed": 0, "epochs": 20, "test_acc": [10.0]},
+        {"net": 1, "mode": "deepopt", "seed": 0, "epochs": 20, "test_acc": [11.0]},
+        {"net": 5, "mode": "classical", "seed": 2, "epochs": 3, "settings": {"closure": True}},
+    ]
+    for r in rows:
+        append_row(path, r)
+    assert finished(path) == {
+        (1, "classical", 0, 20),
+        (1, "deepopt", 0, 20),
+        (5, "classical", 2, 3),
+    }
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    append_row(path, {"net": 1, "mode": "classical", "seed": 0, "epochs": 2})
+    with open(path, "a") as f:
+        f.write('{"net": 2, "mode": "clas')  # a crash mid-write
+    assert finished(path) == {(1, "classical", 0, 2)}
+    append_row(path, {"net": 3, "mode": "classical", "seed": 0, "epochs": 2})
+    assert finished(path) == {(1, "classical", 0, 2), (3, "classical", 0, 2)}

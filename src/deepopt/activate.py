@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
 from .optimizer import DeepOptimizer
-from .recipes import resolve
+from .recipes import Settings, resolve
 
 __all__ = ["activate", "deactivate"]
 
@@ -44,7 +45,8 @@ def activate(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not an optimizer.
         ValueError: unknown recipe/override, out-of-range value, optimizer parameters
-            that are not the model's, or nothing to train.
+            that are not the model's, nothing to train, or a sharded model (FSDP,
+            ``fully_shard``, DTensor parameters): use DistributedDataParallel.
 
     Example:
         >>> import torch, deepopt
@@ -83,6 +85,7 @@ def activate(
         if existing.model is model:
             return model, existing
         raise ValueError("optimizer is already activated for another model; call deepopt.deactivate first.")
+    _check_not_sharded(model, settings)
     _check_params(model, optimizer)
     wrapper = DeepOptimizer(optimizer, model, settings)
     optimizer._deepopt_wrapper = wrapper  # type: ignore[attr-defined]
@@ -121,3 +124,41 @@ def _check_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "model has no trainable parameters in optimizer (all have requires_grad=False); "
             "unfreeze some parameters or pass the optimizer that trains them."
         )
+
+
+def _sharding(model: nn.Module) -> str | None:
+    """How ``model`` is sharded across ranks, or ``None``; imports nothing new."""
+    # A model can only be sharded if the user imported the sharding API already.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kinds = [(getattr(fsdp, "FullyShardedDataParallel", None), "FullyShardedDataParallel (FSDP)"),
+             (getattr(fsdp, "FSDPModule", None), "fully_shard (FSDP2)")]
+    for module in model.modules():
+        for cls, name in kinds:
+            if cls is not None and isinstance(module, cls):
+                return name
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+        return "DTensor parameters"
+    return None
+
+
+def _check_not_sharded(model: nn.Module, settings: Settings) -> None:
+    kind = _sharding(model)
+    if kind is None:
+        return
+    mechanisms = {
+        "perturbation (rho, sam_rho)": "its norm would be each rank's shard's norm",
+        "start-up calibration (calibrate)": "it rescales whole layer weights",
+        "weight averaging (average)": "the evaluation view swaps whole tensors",
+        "divergence guard (guard)": "each rank would decide from its own shard",
+    }
+    enabled = [name for name, on in zip(mechanisms, (
+        settings.rho > 0 or settings.sam_rho > 0, settings.calibrate,
+        settings.average is not None, settings.guard)) if on]
+    raise ValueError(
+        f"deepopt does not support sharded models; this model uses {kind}. Under sharding "
+        "each rank holds only a shard of every weight, so these mechanisms are unsupported: "
+        + "; ".join(f"{k}: {v}" for k, v in mechanisms.items())
+        + f". Enabled by your settings: {', '.join(enabled) or 'none'}. Wrap the model in "
+        "torch.nn.parallel.DistributedDataParallel instead (supported), or pass enabled=False."
+    )

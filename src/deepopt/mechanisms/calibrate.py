@@ -10,7 +10,9 @@ so that each layer's output has unit standard deviation on that batch
 change the user's init). Networks whose signal already propagates are left alone:
 rescaling them ends lower (calibration.md, Net 1).
 
-Cost: a handful of forward passes on one batch, once.
+Cost: a handful of forward passes on one batch, once. Under ``torch.distributed``
+(data-parallel training, e.g. DDP) the standard deviations are those of the global
+batch (all-reduced over the default process group), so every rank rescales alike.
 
 Example:
     >>> import torch
@@ -35,6 +37,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["layer_output_stds", "signal_ratio", "calibrate_"]
@@ -46,13 +49,24 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _LAYERS) and m.weight.requires_grad]
 
 
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def _stds(model: nn.Module, layers: list[nn.Module], args: tuple, kwargs: dict) -> list[float]:
-    stds: dict[nn.Module, float] = {}
+    # Under torch.distributed (data parallel: every rank runs this on its share of the
+    # batch), the stds are those of the global batch, so every rank rescales alike.
+    spread = _data_parallel()
+    stds: dict[nn.Module, Any] = {}
 
     def record(module: nn.Module, _inp: Any, out: Any) -> None:
         if isinstance(out, torch.Tensor) and out.numel() > 1 and module not in stds:
-            stds[module] = out.float().std(correction=0).item()
+            if spread:
+                o = out.detach().double()
+                stds[module] = torch.stack([o.new_tensor(o.numel()), o.sum(), o.square().sum()])
+            else:
+                stds[module] = out.float().std(correction=0).item()
 
     handles = [m.register_forward_hook(record) for m in layers]
     try:
@@ -60,7 +74,13 @@ def _stds(model: nn.Module, layers: list[nn.Module], args: tuple, kwargs: dict) 
     finally:
         for h in handles:
             h.remove()
-    return [stds[m] for m in layers if m in stds]
+    found = [stds[m] for m in layers if m in stds]
+    if spread and found:
+        moments = torch.stack(found)
+        dist.all_reduce(moments)
+        n, total, squares = moments.unbind(1)
+        found = (squares / n - (total / n).square()).clamp_min(0).sqrt().tolist()
+    return found
 
 
 def layer_output_stds(model: nn.Module, args: tuple, kwargs: dict) -> list[float]:

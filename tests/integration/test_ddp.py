@@ -1,0 +1,279 @@
+"""DistributedDataParallel (gloo, CPU, loopback): deepopt under real data parallelism.
+
+One spawn of two processes runs every scenario (spawning costs more than training here);
+the tests then compare what the ranks saved with each other and with a one-process run
+on the same global batches, computed in the test process itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import deepopt
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo unavailable"
+)
+
+WORLD = 2
+STEPS = 4
+GLOBAL = 16
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = {"rho": 0.1, "average": "ema", "ema_decay": 0.9}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env() -> dict:
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+# -- models and data (identical in every process) ---------------------------------------
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def vanishing() -> nn.Module:
+    """A deep plain ReLU MLP whose signal vanishes: start-up calibration rescales it."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(9):
+        lin = nn.Linear(10 if i == 0 else 32, 32 if i < 8 else 3)
+        nn.init.xavier_uniform_(lin.weight, gain=0.3)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()] if i < 8 else [lin]
+    return nn.Sequential(*layers)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS * GLOBAL, 10, generator=g)
+    return x, (x.sum(1) > 0).long() + (x[:, 0] > 1).long()
+
+
+def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None) -> None:
+    """The user's loop: rank ``rank`` takes its slice of each global batch, in ``accumulate``
+    micro-batches (``no_sync`` on all but the last when ``ddp`` is given)."""
+    x, y = data()
+    per_rank = GLOBAL // world
+    micro = per_rank // accumulate
+    for step in range(STEPS):
+        model.train()
+        for k in range(accumulate):
+            lo = step * GLOBAL + rank * per_rank + k * micro
+            sync = ddp is None or k == accumulate - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                loss = nn.functional.cross_entropy(model(x[lo:lo + micro]), y[lo:lo + micro])
+                (loss / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def snapshot(model: nn.Module, opt) -> dict:
+    model.train()
+    params = [p.detach().clone() for p in model.parameters()]
+    model.eval()
+    evals = [t.clone() for t in model.state_dict().values()]
+    model.train()
+    return {"params": params, "eval": evals, "steps": opt.steps, "calibrated": opt.calibrated,
+            "avg_count": opt.average.count}
+
+
+def count_perturbations(opt) -> list[int]:
+    """Count the perturbations actually applied (none before the optimizer has momentum)."""
+    calls = [0]
+    perturb = opt._perturb
+
+    def counted():
+        perturb()
+        calls[0] += opt._view == "perturbed"
+
+    opt._perturb = counted
+    return calls
+
+
+def record_seen_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The first weight as each training forward of ``module`` sees it."""
+    seen: list[torch.Tensor] = []
+    first = next(module.parameters())
+
+    def record(_module: nn.Module, _args: tuple) -> None:
+        if torch.is_grad_enabled():  # not calibration's measuring pass
+            seen.append(first.detach().clone())
+
+    module.register_forward_pre_hook(record)
+    return seen
+
+
+# -- the two-process worker ---------------------------------------------------------------
+def scenario(name: str, rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    factory = vanishing if name == "calibrate" else mlp
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if name == "before":
+        model, opt = deepopt.activate(model, opt, **SETTINGS)
+        ddp = DDP(model)
+    else:
+        ddp = DDP(model)
+        _, opt = deepopt.activate(ddp, opt, **SETTINGS)
+    calls = count_perturbations(opt)
+    seen = record_seen_weights(ddp.module[0])  # inside DDP's forward, after deepopt's hook
+    train(ddp, opt, rank, world, accumulate=2 if name == "accumulate" else 1, ddp=ddp)
+    out = snapshot(ddp, opt)
+    out["perturb_calls"] = calls[0]
+    out["seen"] = seen
+    return out
+
+
+def sharded_errors() -> dict:
+    """activate's error for FSDP1 and FSDP2 models (empty string: could not build one)."""
+    errors = {}
+    builders = {}
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        builders["fsdp1"] = lambda m: FSDP(m, device_id=torch.device("cpu"))
+    except ImportError:
+        pass
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        builders["fsdp2"] = lambda m: fully_shard(m, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    except ImportError:
+        pass
+    for name, build in builders.items():
+        try:
+            model = build(mlp())
+        except Exception as e:  # noqa: BLE001 - report why, the test decides
+            errors[name] = f"could not build: {e!r}"
+            continue
+        try:
+            deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(loopback_env())
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate")}
+        results["sharded"] = sharded_errors()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout: float) -> None:
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP workers did not finish within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    spawn(worker, (WORLD, free_port(), str(out)), nprocs=WORLD, timeout=150)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def single_process(name: str) -> dict:
+    """The same run in one process, no torch.distributed, full global batches."""
+    model = (vanishing if name == "calibrate" else mlp)()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, opt = deepopt.activate(model, opt, **SETTINGS)
+    train(model, opt, rank=0, world=1, accumulate=2 if name == "accumulate" else 1)
+    return snapshot(model, opt)
+
+
+# -- tests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate"])
+def test_ranks_hold_bitwise_equal_training_and_evaluation_weights(ranks, name):
+    r0, r1 = ranks[0][name], ranks[1][name]
+    for key in ("params", "eval"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+    assert r0["steps"] == r1["steps"] == STEPS
+
+
+@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate"])
+def test_two_ranks_match_one_process_on_the_same_global_batch(ranks, name):
+    ref = single_process(name)
+    got = ranks[0][name]
+    assert got["calibrated"] == ref["calibrated"] == (name == "calibrate")
+    for key in ("params", "eval"):
+        for a, b in zip(got[key], ref[key]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_moved_the_weights_alike_everywhere(ranks):
+    # Without the all-reduced stds each rank would rescale from its own half batch.
+    untouched = [p.detach() for p in vanishing().parameters()]
+    got = ranks[0]["calibrate"]["params"]
+    assert got[0].norm() > 2 * untouched[0].norm()
+
+
+def test_accumulation_with_no_sync_applies_mechanisms_once_per_step(ranks):
+    for r in ranks:
+        acc = r["accumulate"]
+        assert acc["steps"] == STEPS and acc["avg_count"] == STEPS
+        # one perturbation per step from the second on (the first has no momentum yet)
+        assert acc["perturb_calls"] == r["after"]["perturb_calls"] == STEPS - 1
+        seen = acc["seen"]
+        assert len(seen) == 2 * STEPS
+        for step in range(STEPS):  # both micro-batches of a step see the same weights
+            assert torch.equal(seen[2 * step], seen[2 * step + 1])
+        assert not torch.equal(seen[2], r["after"]["seen"][0])  # ... and they did move
+
+
+def test_sharded_models_are_refused_with_the_mechanisms_named(ranks):
+    errors = ranks[0]["sharded"]
+    assert errors, "neither FSDP nor fully_shard could be imported"
+    for name, msg in errors.items():
+        if msg.startswith("could not build"):
+            pytest.skip(f"{name}: {msg}")
+        assert "does not support sharded models" in msg, (name, msg)
+        for mechanism in ("perturbation", "calibration", "averaging", "guard"):
+            assert mechanism in msg, (name, msg)
+        assert "DistributedDataParallel" in msg
+
+
+def test_example_runs_under_torchrun():
+    env = {**os.environ, **loopback_env(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(ROOT / "examples" / "ddp_train.py"), "--steps", "6"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "weights bitwise equal on all 2 ranks: True" in proc.stdout

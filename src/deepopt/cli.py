@@ -1,0 +1,99 @@
+"""The ``deepopt`` command: ``demo``, ``bench`` and ``report``.
+
+* ``deepopt demo``: train one network twice on MNIST-1D, classical and with deepopt,
+  and compare them (:mod:`deepopt.demo`).
+* ``deepopt bench ...`` / ``deepopt report ...``: the benchmark runner and its report,
+  handed the rest of the command line unchanged (:mod:`deepopt.bench.runner`,
+  :mod:`deepopt.bench.report`).
+
+Example::
+
+    $ deepopt demo --epochs 20
+    $ deepopt bench --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+# Subcommands whose options belong to another module: everything after the subcommand
+# name is passed through to that module's main(argv).
+PASSTHROUGH = {
+    "bench": ("deepopt.bench.runner", "run the benchmark (options: deepopt bench --help)"),
+    "report": ("deepopt.bench.report", "summarise benchmark results (options: deepopt report --help)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deepopt`` argument parser with its subcommands."""
+    from deepopt import __version__
+    from deepopt.demo import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="deepopt",
+        description="deepopt: one call that changes only how a PyTorch network is trained. "
+        "This command runs the demo and the benchmarks.",
+        epilog="Run 'deepopt COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"deepopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    demo = sub.add_parser(
+        "demo",
+        help="train a network on MNIST-1D twice, classical and with deepopt, and compare "
+        "(table, PNG of test-accuracy curves, JSON of per-epoch numbers)",
+        description="Train the same network twice on MNIST-1D (generated offline): once "
+        "classically and once after deepopt.activate(model, optimizer), with the same "
+        "seed, initial weights and data order. Prints a side-by-side table (final and "
+        "max test accuracy, train time, overhead ratio) and writes a PNG of both "
+        "test-accuracy curves and a JSON file of the per-epoch numbers into --out.",
+    )
+    add_arguments(demo)
+    for name, (module, text) in PASSTHROUGH.items():
+        p = sub.add_parser(name, help=text, add_help=False, description=f"{text}; handled by {module}.")
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments passed to {module}")
+    return parser
+
+
+def _dispatch(name: str, argv: list[str]) -> int:
+    module_name = PASSTHROUGH[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            print(
+                f"deepopt {name}: {module_name} is not available in this installation of "
+                "deepopt (the benchmark tools are not installed or not written yet).",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    result = module.main(argv)
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deepopt`` console script; returns the exit status.
+
+    Args:
+        argv: the arguments after the program name; default ``sys.argv[1:]``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # even --help belongs to the target module
+        return _dispatch(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from deepopt.demo import run_from_args
+
+        return run_from_args(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,654 @@
+"""``deepopt demo``: the same network trained twice on MNIST-1D, classical and activated.
+
+Both runs share the seed, the initial weights (one is a deep copy of the other), the
+order of the mini-batches and the training loop (SGD with momentum 0.9, weight decay
+5e-4, cross-entropy, learning rate divided by 10 at 50% and 75% of the epochs). The
+only difference is one line, ``model, optimizer = deepopt.activate(model, optimizer)``.
+The two runs are interleaved epoch by epoch so that background load on the machine
+slows both alike, which keeps the overhead ratio honest.
+
+MNIST-1D (Greydanus 2020) is generated offline and deterministically by the
+``mnist1d`` package (4,000 training and 1,000 test sequences of length 40, 10
+classes) and cached under ``$DEEPOPT_CACHE`` or ``~/.cache/deepopt``.
+
+Example::
+
+    from deepopt.demo import run_demo, format_table
+    summary = run_demo(net="mlp", epochs=2, limit=500, progress=False)
+    print(format_table(summary))
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "NETS",
+    "LEARNING_RATES",
+    "DEFAULT_NET",
+    "DEFAULT_EPOCHS",
+    "cache_dir",
+    "load_mnist1d",
+    "build_net",
+    "train_pair",
+    "run_demo",
+    "format_table",
+    "plot_curves",
+    "parse_overrides",
+    "add_arguments",
+    "run_from_args",
+    "main",
+]
+
+NETS = ("mlp", "cnn", "gru")
+DEFAULT_NET = "cnn"
+DEFAULT_EPOCHS = 30
+DEFAULT_BATCH = 128
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+# Peak learning rate of each network, chosen on a validation split carved out of the
+# training set (never on the test set) for the classical run.
+LEARNING_RATES = {"mlp": 0.4, "cnn": 0.2, "gru": 0.1}
+
+# Bump when the cached arrays' meaning changes, so stale caches are not reused.
+_CACHE_FORMAT = 1
+
+
+# -- data --------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Directory of the dataset cache: ``$DEEPOPT_CACHE`` if set and non-empty, else ``~/.cache/deepopt``."""
+    env = os.environ.get("DEEPOPT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "deepopt"
+
+
+def _generate_mnist1d() -> dict[str, np.ndarray]:
+    """Generate MNIST-1D with the package's default arguments, offline.
+
+    ``make_dataset`` seeds NumPy's and Python's global generators itself (seed 42), so
+    the result is deterministic; the caller's global random state is restored after.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # mnist1d.utils imports pyplot; never open a window
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(get_dataset_args())  # builds from templates, no download
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {
+        "x": np.ascontiguousarray(raw["x"], dtype=np.float32),
+        "y": np.ascontiguousarray(raw["y"], dtype=np.int64),
+        "x_test": np.ascontiguousarray(raw["x_test"], dtype=np.float32),
+        "y_test": np.ascontiguousarray(raw["y_test"], dtype=np.int64),
+    }
+
+
+def _cache_key() -> str:
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args(as_dict=True)
+    args.pop("url", None)
+    text = json.dumps({"format": _CACHE_FORMAT, "args": args}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _valid(arrays: dict[str, np.ndarray]) -> bool:
+    try:
+        x, y, xt, yt = arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]
+    except KeyError:
+        return False
+    return (
+        x.ndim == 2 and xt.ndim == 2 and x.shape[1] == xt.shape[1]
+        and len(x) == len(y) and len(xt) == len(yt) and len(x) > 0
+        and bool(np.isfinite(x).all()) and bool(np.isfinite(xt).all())
+    )
+
+
+def load_mnist1d(cache: str | os.PathLike[str] | None = None) -> dict[str, Tensor]:
+    """MNIST-1D as tensors, generated offline on first use and cached as ``.npz``.
+
+    Args:
+        cache: cache directory; default :func:`cache_dir`. A missing, unreadable or
+            malformed cache file is regenerated (atomically replaced).
+
+    Returns:
+        ``{"x": float32 4000x40, "y": int64 4000, "x_test": float32 1000x40,
+        "y_test": int64 1000}`` with the package's default arguments.
+    """
+    cdir = Path(cache).expanduser() if cache is not None else cache_dir()
+    path = cdir / f"mnist1d-{_cache_key()}.npz"
+    arrays: dict[str, np.ndarray] | None = None
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError):
+            arrays = None
+        if arrays is not None and not _valid(arrays):
+            arrays = None
+    if arrays is None:
+        arrays = _generate_mnist1d()
+        try:
+            cdir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs regeneration next time
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+# -- networks ----------------------------------------------------------------------------
+class ConvNet(nn.Module):
+    """The MNIST-1D paper's convolutional network (``ConvBase``): 3 convs of 25 channels + linear.
+
+    Kernels 5, 3, 3, stride 2, padding 1: a 40-long input gives 25 x 5 features.
+    """
+
+    def __init__(self, channels: int = 25, length: int = 40, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        n = length
+        for k in (5, 3, 3):
+            n = (n + 2 - k) // 2 + 1
+        self.linear = nn.Linear(channels * n, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.view(x.shape[0], 1, x.shape[-1])
+        h = self.conv1(h).relu()
+        h = self.conv2(h).relu()
+        h = self.conv3(h).relu()
+        return self.linear(h.flatten(1))
+
+
+class GRUNet(nn.Module):
+    """The MNIST-1D paper's recurrent network (``GRUBase``): a bidirectional GRU over the
+    40 steps (one value per step), all hidden states flattened into a linear classifier."""
+
+    def __init__(self, hidden: int = 6, length: int = 40, classes: int = 10) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(2 * hidden * length, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x.view(x.shape[0], x.shape[-1], 1))
+        return self.linear(out.flatten(1))
+
+
+def build_net(name: str, length: int = 40, classes: int = 10) -> nn.Module:
+    """One of :data:`NETS`, initialised from torch's global generator.
+
+    * ``"mlp"``: 40 -> 100 -> 100 -> 10 with ReLU;
+    * ``"cnn"``: the MNIST-1D paper's conv net (:class:`ConvNet`);
+    * ``"gru"``: the paper's bidirectional GRU, hidden size 6 (:class:`GRUNet`).
+    """
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Linear(length, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, classes)
+        )
+    if name == "cnn":
+        return ConvNet(length=length, classes=classes)
+    if name == "gru":
+        return GRUNet(length=length, classes=classes)
+    raise ValueError(f"net={name!r} is unknown; choose one of {', '.join(NETS)}.")
+
+
+# -- training ----------------------------------------------------------------------------
+def _milestones(epochs: int) -> list[int]:
+    return sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+
+
+class _Run:
+    """One training run: the model, its optimizer and schedule, and what it measured."""
+
+    def __init__(self, model: nn.Module, lr: float, epochs: int, seed: int, activate: dict | None) -> None:
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+        )
+        if activate is not None:
+            import deepopt
+
+            model, opt = deepopt.activate(model, opt, **activate)
+        self.model, self.opt = model, opt
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(opt, _milestones(epochs), gamma=0.1)
+        self.order = torch.Generator().manual_seed(seed)  # same data order for both runs
+        self.test_acc: list[float] = []
+        self.test_loss: list[float] = []
+        self.train_loss: list[float] = []
+        self.lr: list[float] = []
+        self.seconds: list[float] = []
+
+    def epoch(self, x: Tensor, y: Tensor, batch: int) -> None:
+        start = time.perf_counter()
+        self.lr.append(float(self.opt.param_groups[0]["lr"]))
+        self.model.train()
+        total, n = 0.0, 0
+        perm = torch.randperm(len(x), generator=self.order)
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            loss = nn.functional.cross_entropy(self.model(x[idx]), y[idx])
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        self.sched.step()
+        self.seconds.append(time.perf_counter() - start)
+        self.train_loss.append(total / max(n, 1))
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> None:
+        self.model.eval()  # with deepopt: the evaluation (averaged) weights, if any
+        logits = self.model(x)
+        self.test_loss.append(float(nn.functional.cross_entropy(logits, y)))
+        self.test_acc.append(100.0 * float((logits.argmax(1) == y).float().mean()))
+        self.model.train()
+
+    def record(self) -> dict[str, list[float]]:
+        return {
+            "test_acc": self.test_acc,
+            "test_loss": self.test_loss,
+            "train_loss": self.train_loss,
+            "lr": self.lr,
+            "epoch_seconds": self.seconds,
+        }
+
+
+def train_pair(
+    data: dict[str, Tensor],
+    *,
+    net: str = DEFAULT_NET,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    recipe: str = "default",
+    overrides: dict[str, Any] | None = None,
+    lr: float | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Train ``net`` classically and with deepopt from the same init and data order.
+
+    Args:
+        data: the tensors of :func:`load_mnist1d` (possibly subsetted).
+        net: one of :data:`NETS`.
+        epochs: passes over the training set.
+        seed: seeds the initial weights and the mini-batch order (shared by both runs).
+        recipe: the deepopt recipe for the activated run.
+        overrides: deepopt settings replacing the recipe's, e.g. ``{"rho": 0.05}``.
+        lr: peak learning rate; default :data:`LEARNING_RATES` of ``net``.
+        batch_size: mini-batch size.
+        on_epoch: called after each epoch with ``(epoch, classical_acc, deepopt_acc)``.
+
+    Returns:
+        ``{"classical": record, "deepopt": record}``, each record holding per-epoch
+        lists ``test_acc`` (%), ``test_loss``, ``train_loss``, ``lr`` and ``epoch_seconds``.
+    """
+    lr = LEARNING_RATES[net] if lr is None else lr
+    torch.manual_seed(seed)
+    model = build_net(net, length=data["x"].shape[1])
+    twin = copy.deepcopy(model)  # identical initial weights
+    runs = {
+        "classical": _Run(model, lr, epochs, seed, None),
+        "deepopt": _Run(twin, lr, epochs, seed, {"recipe": recipe, **(overrides or {})}),
+    }
+    for epoch in range(epochs):
+        for run in runs.values():  # interleaved: background load hits both alike
+            run.epoch(data["x"], data["y"], batch_size)
+            run.evaluate(data["x_test"], data["y_test"])
+        if on_epoch is not None:
+            on_epoch(epoch, runs["classical"].test_acc[-1], runs["deepopt"].test_acc[-1])
+    return {name: run.record() for name, run in runs.items()}
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": float(statistics.fmean(values)),
+        "std": float(statistics.stdev(values)) if len(values) > 1 else 0.0,
+    }
+
+
+def _summarise(per_seed: list[dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    metrics = {
+        "final_test_acc": lambda r: r["test_acc"][-1],
+        "max_test_acc": lambda r: max(r["test_acc"]),
+        "train_seconds": lambda r: sum(r["epoch_seconds"]),
+    }
+    for key, fn in metrics.items():
+        c = [fn(s["classical"]) for s in per_seed]
+        d = [fn(s["deepopt"]) for s in per_seed]
+        out[key] = {
+            "classical": _mean_std(c),
+            "deepopt": _mean_std(d),
+            "difference": _mean_std([b - a for a, b in zip(c, d)]),
+        }
+    c_time = sum(sum(s["classical"]["epoch_seconds"]) for s in per_seed)
+    d_time = sum(sum(s["deepopt"]["epoch_seconds"]) for s in per_seed)
+    out["overhead_ratio"] = d_time / c_time if c_time > 0 else math.nan
+    return out
+
+
+def run_demo(
+    *,
+    net: str = DEFAULT_NET,
+    epochs: int = DEFAULT_EPOCHS,
+    seeds: int = 1,
+    seed: int = 0,
+    recipe: str = "default",
+    overrides: dict[str, Any] | None = None,
+    lr: float | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    threads: int | None = 1,
+    limit: int | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo's paired training runs over ``seeds`` seeds; return everything measured.
+
+    Args:
+        net, epochs, recipe, overrides, lr, batch_size: see :func:`train_pair`.
+        seeds: number of seeds (``seed``, ``seed + 1``, ...), each a paired run.
+        seed: first seed.
+        threads: ``torch.set_num_threads`` value; ``None`` keeps torch's default.
+        limit: use only the first ``limit`` training and test examples (quick checks).
+        cache: dataset cache directory (default :func:`cache_dir`).
+        progress: show a tqdm progress bar (on stderr).
+
+    Returns:
+        A JSON-serialisable dict: ``"config"``, ``"seeds"`` (per-seed per-epoch
+        records of both runs) and ``"summary"`` (means, standard deviations across
+        seeds, paired differences deepopt - classical, and the overhead ratio).
+
+    Raises:
+        ValueError: unknown net/recipe/override or a non-positive count.
+    """
+    import deepopt
+    from deepopt.recipes import resolve
+
+    if net not in NETS:
+        raise ValueError(f"net={net!r} is unknown; choose one of {', '.join(NETS)}.")
+    for name, value in (("epochs", epochs), ("seeds", seeds), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} is invalid: it must be >= 1.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} is invalid: it must be >= 1.")
+    settings = resolve(recipe, dict(overrides or {}))  # fail before any training
+    if threads is not None:
+        torch.set_num_threads(threads)
+    data = load_mnist1d(cache)
+    if limit is not None:
+        data = {
+            "x": data["x"][:limit], "y": data["y"][:limit],
+            "x_test": data["x_test"][:limit], "y_test": data["y_test"][:limit],
+        }
+    lr = LEARNING_RATES[net] if lr is None else lr
+
+    from tqdm.auto import tqdm
+
+    per_seed = []
+    with tqdm(total=seeds * epochs, desc=f"deepopt demo ({net})", unit="epoch", disable=not progress) as bar:
+        for s in range(seed, seed + seeds):
+            bar.set_description(f"{net} seed {s}")
+
+            def tick(epoch: int, c: float, d: float) -> None:
+                bar.set_postfix_str(f"test acc classical {c:.1f}% | deepopt {d:.1f}%")
+                bar.update(1)
+
+            per_seed.append(
+                train_pair(
+                    data, net=net, epochs=epochs, seed=s, recipe=recipe, overrides=overrides,
+                    lr=lr, batch_size=batch_size, on_epoch=tick,
+                )
+            )
+    return {
+        "config": {
+            "dataset": "MNIST-1D (mnist1d default arguments, generated offline)",
+            "train_size": len(data["x"]),
+            "test_size": len(data["x_test"]),
+            "net": net,
+            "epochs": epochs,
+            "seeds": list(range(seed, seed + seeds)),
+            "recipe": recipe,
+            "overrides": dict(overrides or {}),
+            "settings": settings.as_dict(),
+            "optimizer": {"name": "SGD", "lr": lr, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+            "lr_milestones": _milestones(epochs),
+            "batch_size": batch_size,
+            "threads": torch.get_num_threads(),
+            "limit": limit,
+            "deepopt_version": deepopt.__version__,
+            "torch_version": torch.__version__,
+        },
+        "seeds": [{"seed": s, **r} for s, r in zip(range(seed, seed + seeds), per_seed)],
+        "summary": _summarise(per_seed),
+    }
+
+
+# -- output ------------------------------------------------------------------------------
+def _fmt(stat: dict[str, float], n: int, signed: bool = False, digits: int = 2) -> str:
+    sign = "+" if signed else ""
+    text = f"{stat['mean']:{sign}.{digits}f}"
+    if n > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The side-by-side comparison table of a :func:`run_demo` result, as text."""
+    cfg, summ = result["config"], result["summary"]
+    n = len(cfg["seeds"])
+    recipe = cfg["recipe"] + "".join(f", {k}={v!r}" for k, v in cfg["overrides"].items())
+    seeds = f"{n} seed{'s' if n > 1 else ''}" + (" (mean ± std; difference paired per seed)" if n > 1 else "")
+    rows = [
+        ("final test accuracy (%)", summ["final_test_acc"], True),
+        ("max test accuracy (%) (test-selected)", summ["max_test_acc"], True),
+        ("train time (s)", summ["train_seconds"], False),
+    ]
+    header = ("", "classical", "deepopt", "difference")
+    body = [
+        (label, _fmt(s["classical"], n), _fmt(s["deepopt"], n), _fmt(s["difference"], n, signed=True) if diff else "")
+        for label, s, diff in rows
+    ]
+    body.append(("overhead ratio (deepopt / classical time)", "", f"{summ['overhead_ratio']:.2f}x", ""))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(4)]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
+
+    title = (
+        f"MNIST-1D, {cfg['net']}, {cfg['epochs']} epochs, {seeds}, recipe {recipe}\n"
+        f"train {cfg['train_size']} / test {cfg['test_size']} examples, SGD lr {cfg['optimizer']['lr']:g} "
+        f"momentum {MOMENTUM:g}, batch {cfg['batch_size']}, LR /10 at epochs {cfg['lr_milestones']}"
+    )
+    rule = "-" * len(line(header))
+    return "\n".join([title, rule, line(header), rule, *map(line, body), rule])
+
+
+def plot_curves(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a PNG of the test-accuracy curves of both runs (mean and min-max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, colour in (("classical", "tab:gray"), ("deepopt", "tab:blue")):
+        curves = np.array([s[name]["test_acc"] for s in result["seeds"]])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        label = f"{name} (final {curves[:, -1].mean():.1f}%)"
+        ax.plot(epochs, curves.mean(0), color=colour, lw=2, label=label)
+        if len(curves) > 1:
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colour, alpha=0.2, lw=0)
+    for m in cfg["lr_milestones"]:
+        if m < cfg["epochs"]:
+            ax.axvline(m + 0.5, color="k", ls=":", lw=0.8)
+    n = len(result["seeds"])
+    recipe = cfg["recipe"] + "".join(f", {k}={v!r}" for k, v in cfg["overrides"].items())
+    ax.set_title(
+        f"MNIST-1D {cfg['net']}: test accuracy, deepopt recipe {recipe}"
+        + (f"\n{n} seeds: mean, band min-max" if n > 1 else ""),
+        fontsize=10,
+    )
+    ax.set_xlabel("epoch (dotted: LR / 10)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# -- command line ------------------------------------------------------------------------
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings into deepopt overrides (numbers, true/false, none, text).
+
+    Example:
+        >>> parse_overrides(["rho=0.05", "average=ema", "guard=false"])
+        {'rho': 0.05, 'average': 'ema', 'guard': False}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not KEY=VALUE, e.g. rho=0.05 or average=ema.")
+        out[key.strip()] = _value(value)
+    return out
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``deepopt demo`` options to ``parser``."""
+    from deepopt.recipes import RECIPES
+
+    parser.add_argument(
+        "--net", choices=NETS, default=DEFAULT_NET,
+        help="network to train: mlp (40-100-100-10 ReLU), cnn (the MNIST-1D paper's 3-layer "
+        "conv net) or gru (the paper's bidirectional GRU, hidden 6). Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--epochs", type=_positive, default=DEFAULT_EPOCHS,
+        help="passes over the 4,000 training sequences; the learning rate drops 10x at 50%% "
+        "and 75%% of them. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--seeds", type=_positive, default=1, metavar="N",
+        help="number of seeds; with N > 1 the table shows mean ± std over seeds and the "
+        "paired difference (deepopt - classical, same seed). Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="first seed (seeds are SEED, SEED+1, ...); it fixes the initial weights and "
+        "the mini-batch order, shared by both runs. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default="default",
+        help="deepopt recipe for the activated run. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="deepopt setting replacing the recipe's, repeatable, e.g. --set rho=0.05 "
+        "--set average=ema (see deepopt.Settings for the fields).",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None,
+        help="peak learning rate of SGD (momentum 0.9, weight decay 5e-4); default: "
+        + ", ".join(f"{k} {v:g}" for k, v in LEARNING_RATES.items()) + ".",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH, help="mini-batch size. Default: %(default)s."
+    )
+    parser.add_argument(
+        "--out", default="runs/demo", metavar="DIR",
+        help="output directory for demo_<net>.png (test-accuracy curves) and demo_<net>.json "
+        "(config and per-epoch numbers). Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--threads", type=_positive, default=1,
+        help="CPU threads for torch (torch.set_num_threads); these networks are small, so "
+        "more threads rarely help. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--limit", type=_positive, default=None, metavar="N",
+        help="use only the first N training and N test examples (quick checks and tests).",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar."
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the demo for parsed ``deepopt demo`` arguments: print the table, write PNG and JSON."""
+    try:
+        overrides = parse_overrides(args.overrides)
+        result = run_demo(
+            net=args.net, epochs=args.epochs, seeds=args.seeds, seed=args.seed, recipe=args.recipe,
+            overrides=overrides, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
+            limit=args.limit, progress=args.progress,
+        )
+    except ValueError as e:
+        print(f"deepopt demo: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_curves(result, out / f"demo_{args.net}.png")
+    js = out / f"demo_{args.net}.json"
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+    print(f"curves: {png}\nnumbers: {js}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deepopt.demo [options]``: the same as ``deepopt demo [options]``."""
+    parser = argparse.ArgumentParser(prog="deepopt demo", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

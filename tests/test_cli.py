@@ -1,0 +1,172 @@
+"""The ``deepopt`` command: help texts, version, bench/report dispatch, a tiny demo run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import deepopt
+from deepopt import cli, demo
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Keep the dataset cache out of the user's home; one cache for the whole session."""
+    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path_factory.getbasetemp() / "deepopt-cache"))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse's --help / --version / usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for word in ("demo", "bench", "report", "--version"):
+        assert word in out
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"deepopt {deepopt.__version__}"
+
+
+def test_demo_help_explains_every_option(capsys):
+    code, out, _ = run(capsys, "demo", "--help")
+    assert code == 0
+    demo_parser = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
+    for action in demo_parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+        for opt in action.option_strings:
+            assert opt in out
+    for word in ("MNIST-1D", "--net", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads"):
+        assert word in out
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepopt.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "demo" in out
+
+
+def test_bench_and_report_pass_the_rest_through(capsys, monkeypatch):
+    seen = {}
+    for name in ("runner", "report"):
+        fake = types.ModuleType(f"deepopt.bench.{name}")
+
+        def fake_main(argv, name=name):
+            seen[name] = argv
+            return 3
+
+        fake.main = fake_main
+        monkeypatch.setitem(sys.modules, f"deepopt.bench.{name}", fake)
+    assert run(capsys, "bench", "seed6", "--help")[0] == 3
+    assert run(capsys, "report", "--out", "x.md")[0] == 3
+    assert seen == {"runner": ["seed6", "--help"], "report": ["--out", "x.md"]}
+
+
+def test_missing_bench_module_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepopt.bench.report", None)  # import fails
+    code, _, err = run(capsys, "report")
+    assert code == 2 and "deepopt.bench.report" in err and "not available" in err
+
+
+def test_tiny_demo_writes_table_png_and_json(capsys, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, err = run(
+        capsys, "demo", "--net", "mlp", "--epochs", "2", "--limit", "500", "--seeds", "2",
+        "--out", str(out_dir), "--set", "average=ema",
+    )
+    assert code == 0, err
+    for text in (
+        "classical", "deepopt", "difference", "final test accuracy (%)",
+        "max test accuracy (%) (test-selected)", "train time (s)", "overhead ratio",
+        "2 seeds", "±", "average='ema'",
+    ):
+        assert text in out
+    png, js = out_dir / "demo_mlp.png", out_dir / "demo_mlp.json"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(js.read_text())
+    assert result["config"]["train_size"] == 500 and result["config"]["test_size"] == 500
+    assert result["config"]["overrides"] == {"average": "ema"}
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    for s in result["seeds"]:
+        for name in ("classical", "deepopt"):
+            assert len(s[name]["test_acc"]) == len(s[name]["epoch_seconds"]) == 2
+            assert all(0 <= a <= 100 for a in s[name]["test_acc"])
+    final = result["summary"]["final_test_acc"]
+    diffs = [s["deepopt"]["test_acc"][-1] - s["classical"]["test_acc"][-1] for s in result["seeds"]]
+    assert final["difference"]["mean"] == pytest.approx(float(np.mean(diffs)))
+    assert f"{final['classical']['mean']:.2f}" in out
+
+
+def test_runs_share_init_and_data_order():
+    # The safe recipe changes nothing on a net whose signal propagates: the two runs of
+    # a pair must then be bit-identical, which checks same init, same batches, same loop.
+    torch.set_num_threads(1)
+    data = {k: v[:300] for k, v in demo.load_mnist1d().items()}
+    pair = demo.train_pair(data, net="cnn", epochs=2, seed=3, recipe="safe", batch_size=64)
+    assert pair["classical"]["test_acc"] == pair["deepopt"]["test_acc"]
+    assert pair["classical"]["train_loss"] == pair["deepopt"]["train_loss"]
+    assert pair["classical"]["lr"] == pair["deepopt"]["lr"]
+
+
+def test_lr_schedule_drops_at_half_and_three_quarters():
+    data = {k: v[:64] for k, v in demo.load_mnist1d().items()}
+    lrs = demo.train_pair(data, net="mlp", epochs=8, lr=0.1, batch_size=64)["classical"]["lr"]
+    assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+@pytest.mark.parametrize("net", demo.NETS)
+def test_nets_map_sequences_to_ten_logits(net):
+    torch.manual_seed(0)
+    assert demo.build_net(net)(torch.randn(3, 40)).shape == (3, 10)
+
+
+def test_dataset_is_cached_deterministic_and_leaves_global_rng_alone(tmp_path):
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    first = demo.load_mnist1d(tmp_path)
+    assert np.random.rand() == expected  # generation restored NumPy's global state
+    assert len(list(tmp_path.glob("mnist1d-*.npz"))) == 1
+    assert first["x"].shape == (4000, 40) and first["x_test"].shape == (1000, 40)
+    assert first["x"].dtype == torch.float32 and set(first["y"].unique().tolist()) == set(range(10))
+    again = demo.load_mnist1d(tmp_path)  # from the cache
+    for k in first:
+        assert torch.equal(first[k], again[k])
+    next(tmp_path.glob("mnist1d-*.npz")).write_bytes(b"corrupt")  # regenerated, not an error
+    for k, v in demo.load_mnist1d(tmp_path).items():
+        assert torch.equal(first[k], v)
+
+
+def test_bad_override_and_values_fail_before_training(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--set", "rhoo=0.1", "--out", str(tmp_path))
+    assert code == 2 and "rhoo" in err
+    code, _, err = run(capsys, "demo", "--set", "rho", "--out", str(tmp_path))
+    assert code == 2 and "KEY=VALUE" in err
+    assert run(capsys, "demo", "--epochs", "0")[0] == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_parse_overrides_types():
+    assert demo.parse_overrides(["rho=0.05", "max_skips=5", "average=none", "adaptive=true"]) == {
+        "rho": 0.05, "max_skips": 5, "average": None, "adaptive": True,
+    }

@@ -45,6 +45,10 @@ class _ModelHook:
         self.owner: DeepOptimizer | None = owner
         self.method = method
 
+    # Never traced by torch.compile (the view swaps would be baked into graphs and
+    # recompiled for every new perturbation): always run eagerly. torch._disable_dynamo,
+    # as torch.optim uses it, imports torch._dynamo only on the first call.
+    @torch._disable_dynamo
     def __call__(self, *args: Any) -> Any:
         if self.owner is not None:
             return getattr(self.owner, self.method)(*args)
@@ -321,7 +325,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         buffers = list(module.buffers())
         saved = [b.clone() for b in buffers]
         try:
-            self.calibrated = calibrate_(module, args, kwargs, self.settings.calibrate_threshold)
+            # A torch.compile'd module is measured through its original module, eagerly.
+            target = getattr(module, "_orig_mod", module)
+            self.calibrated = calibrate_(target, args, kwargs, self.settings.calibrate_threshold)
         finally:
             torch.set_rng_state(rng)
             for b, s in zip(buffers, saved):

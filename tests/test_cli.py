@@ -128,6 +128,15 @@ def test_runs_share_init_and_data_order():
     assert pair["classical"]["lr"] == pair["deepopt"]["lr"]
 
 
+def test_closure_form_for_exact_sam_leaves_the_classical_run_unchanged():
+    torch.set_num_threads(1)
+    data = {k: v[:300] for k, v in demo.load_mnist1d().items()}
+    plain = demo.train_pair(data, net="mlp", epochs=2, recipe="safe", batch_size=64)
+    sam = demo.train_pair(data, net="mlp", epochs=2, recipe="thorough", batch_size=64)
+    assert sam["classical"] == plain["classical"] | {"epoch_seconds": sam["classical"]["epoch_seconds"]}
+    assert sam["deepopt"]["train_loss"] != plain["deepopt"]["train_loss"]  # SAM did act
+
+
 def test_lr_schedule_drops_at_half_and_three_quarters():
     data = {k: v[:64] for k, v in demo.load_mnist1d().items()}
     lrs = demo.train_pair(data, net="mlp", epochs=8, lr=0.1, batch_size=64)["classical"]["lr"]

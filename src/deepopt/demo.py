@@ -222,7 +222,10 @@ def _milestones(epochs: int) -> list[int]:
 class _Run:
     """One training run: the model, its optimizer and schedule, and what it measured."""
 
-    def __init__(self, model: nn.Module, lr: float, epochs: int, seed: int, activate: dict | None) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, epochs: int, seed: int, activate: dict | None, closure: bool
+    ) -> None:
+        self.closure = closure
         opt: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
         )
@@ -246,13 +249,23 @@ class _Run:
         total, n = 0.0, 0
         perm = torch.randperm(len(x), generator=self.order)
         for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            loss = nn.functional.cross_entropy(self.model(x[idx]), y[idx])
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
+            xb, yb = x[perm[i : i + batch]], y[perm[i : i + batch]]
+            if self.closure:  # the step(closure) form, which lets exact SAM re-evaluate
+
+                def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+                    self.opt.zero_grad()
+                    loss = nn.functional.cross_entropy(self.model(xb), yb)
+                    loss.backward()
+                    return loss
+
+                loss = self.opt.step(closure)
+            else:
+                loss = nn.functional.cross_entropy(self.model(xb), yb)
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+            total += float(loss.detach()) * len(yb)
+            n += len(yb)
         self.sched.step()
         self.seconds.append(time.perf_counter() - start)
         self.train_loss.append(total / max(n, 1))
@@ -300,17 +313,26 @@ def train_pair(
         batch_size: mini-batch size.
         on_epoch: called after each epoch with ``(epoch, classical_acc, deepopt_acc)``.
 
+    Both runs use the usual ``loss.backward(); optimizer.step()`` loop, or, when the
+    settings ask for exact two-pass SAM (``sam_rho > 0``, the ``thorough`` recipe),
+    ``optimizer.step(closure)``, the form that SAM needs.
+
     Returns:
         ``{"classical": record, "deepopt": record}``, each record holding per-epoch
         lists ``test_acc`` (%), ``test_loss``, ``train_loss``, ``lr`` and ``epoch_seconds``.
     """
+    from deepopt.recipes import resolve
+
     lr = LEARNING_RATES[net] if lr is None else lr
+    # Exact two-pass SAM needs step(closure); both runs then use that form (for plain
+    # SGD it is the same computation as backward() then step()).
+    closure = resolve(recipe, dict(overrides or {})).sam_rho > 0
     torch.manual_seed(seed)
     model = build_net(net, length=data["x"].shape[1])
     twin = copy.deepcopy(model)  # identical initial weights
     runs = {
-        "classical": _Run(model, lr, epochs, seed, None),
-        "deepopt": _Run(twin, lr, epochs, seed, {"recipe": recipe, **(overrides or {})}),
+        "classical": _Run(model, lr, epochs, seed, None, closure),
+        "deepopt": _Run(twin, lr, epochs, seed, {"recipe": recipe, **(overrides or {})}, closure),
     }
     for epoch in range(epochs):
         for run in runs.values():  # interleaved: background load hits both alike
@@ -587,7 +609,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--recipe", choices=sorted(RECIPES), default="default",
-        help="deepopt recipe for the activated run. Default: %(default)s.",
+        help="deepopt recipe for the activated run: default (about 1x cost), thorough "
+        "(exact two-pass SAM: both runs then call optimizer.step(closure); about 2x cost) or "
+        "safe (start-up calibration and divergence guard only). Default: %(default)s.",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,0 +1,140 @@
+"""Lightning: ``Trainer(callbacks=[DeepOpt()])`` trains an unchanged LightningModule with deepopt.
+
+What the callback does, and where:
+
+* ``on_fit_start`` (after the strategy built the optimizers from ``configure_optimizers``,
+  before a checkpoint's optimizer state is restored): wraps the optimizer with
+  :func:`deepopt.activate` and puts the wrapper in ``trainer.strategy.optimizers`` (Lightning
+  re-wraps it in a ``LightningOptimizer``). LR schedulers keep pointing at the original
+  optimizer, whose ``param_groups`` the wrapper shares. Resuming (``fit(ckpt_path=...)``)
+  then loads deepopt's state from the optimizer state, which carries it.
+* Training batches run at the perturbed weights, validation/test/predict batches at the
+  evaluation weights, whether ``training_step`` calls ``self(x)`` or a submodule.
+* Checkpoints: ``checkpoint["state_dict"]`` holds the evaluation weights (what
+  ``load_from_checkpoint`` and ``test(ckpt_path=...)`` should use); the training weights
+  and the average are in ``checkpoint["optimizer_states"]``.
+
+Works with ``accumulate_grad_batches`` (one perturbation and one average update per
+optimizer step), ``gradient_clip_val``, schedulers from ``configure_optimizers`` and
+``precision="bf16-mixed"``. One optimizer per LightningModule.
+
+Example:
+    >>> import lightning.pytorch as pl                       # doctest: +SKIP
+    >>> from deepopt.integrations.lightning import DeepOpt    # doctest: +SKIP
+    >>> trainer = pl.Trainer(max_epochs=5, callbacks=[DeepOpt(rho=0.05, average="ema")])  # doctest: +SKIP
+    >>> trainer.fit(model, train_loader, val_loader)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..activate import activate, deactivate
+from ..optimizer import DeepOptimizer
+from ..recipes import resolve
+
+__all__ = ["DeepOpt"]
+
+
+class DeepOpt(pl.Callback):
+    """Lightning callback that trains with deepopt; takes :func:`deepopt.activate`'s arguments.
+
+    Args:
+        recipe: ``"default"``, ``"thorough"`` or ``"safe"`` (see :data:`deepopt.RECIPES`).
+        enabled: ``False`` leaves training untouched, for A/B runs.
+        **overrides: fields of :class:`deepopt.Settings`, e.g. ``rho=0.05, average="ema"``.
+
+    Attributes:
+        optimizer: the :class:`~deepopt.DeepOptimizer` of the current fit (``None`` before).
+
+    Note:
+        Start-up calibration measures the LightningModule's own ``forward``: it runs when
+        ``training_step`` calls ``self(...)``; otherwise it is skipped with a warning.
+        With ``recipe="thorough"`` Lightning's closure, hence ``training_step``, runs twice
+        per optimizer step (exact two-pass SAM).
+    """
+
+    def __init__(self, recipe: str = "default", enabled: bool = True, **overrides: Any) -> None:
+        resolve(recipe, overrides)  # a typo fails here, not at fit time
+        self.recipe = recipe
+        self.enabled = enabled
+        self.overrides = overrides
+        self.optimizer: DeepOptimizer | None = None
+        self._module: pl.LightningModule | None = None
+
+    # -- wrapping ------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap the optimizer built from ``configure_optimizers`` (before state restore)."""
+        if not self.enabled:
+            return
+        if self.optimizer is not None and self._module is not None:
+            deactivate(self._module, self.optimizer)  # a new fit builds new optimizers
+            self.optimizer = None
+        optimizers = trainer.strategy.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"DeepOpt supports one optimizer per LightningModule; configure_optimizers "
+                f"returned {len(optimizers)}. Return a single optimizer (param groups may differ), "
+                "or use deepopt.activate on one of them by hand."
+            )
+        base = optimizers[0]
+        if isinstance(base, LightningOptimizer):
+            base = base.optimizer
+        _, wrapped = activate(pl_module, base, recipe=self.recipe, enabled=True, **self.overrides)
+        assert isinstance(wrapped, DeepOptimizer)
+        trainer.strategy.optimizers = [wrapped]  # Lightning wraps it in a LightningOptimizer
+        self.optimizer, self._module = wrapped, pl_module
+
+    # -- views ---------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        """Show the perturbed weights, also to ``training_step``s that never call ``self(...)``."""
+        opt = self.optimizer
+        if opt is not None and opt.calibrated is not None:  # else the first self(...) calibrates first
+            opt._show("perturbed" if opt.settings.rho > 0 else "train")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Give up calibrating if the first batch never went through the module's ``forward``."""
+        opt = self.optimizer
+        if opt is not None and opt.calibrated is None:
+            opt.calibrated = False
+            rank_zero_warn(
+                "deepopt: start-up calibration skipped because training_step did not call the "
+                "LightningModule itself (self(x)); the other mechanisms are active."
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Leave the training weights in place."""
+        if self.optimizer is not None:
+            self.optimizer._show("train")
+
+    def _show_eval(self, *_: Any) -> None:
+        if self.optimizer is not None:
+            self.optimizer._show("eval")
+
+    on_validation_batch_start = _show_eval
+    on_test_batch_start = _show_eval
+    on_predict_batch_start = _show_eval
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Store the evaluation weights as the checkpoint's ``state_dict``."""
+        opt = self.optimizer
+        if opt is None or opt.average is None or opt.average.tensors is None:
+            return
+        targets = opt._eval_targets()
+        if len(targets) != len(opt.average.tensors):
+            return
+        average = {id(t): a for t, a in zip(targets, opt.average.tensors)}
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        for key, tensor in pl_module.state_dict(keep_vars=True).items():
+            if key in state and id(tensor) in average:
+                state[key] = average[id(tensor)].detach().clone()

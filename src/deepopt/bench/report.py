@@ -1,0 +1,160 @@
+"""``deepopt report``: BENCHMARKS.md tables and PNG plots from the raw result rows.
+
+Nothing in the tables is typed by hand: each table sits between
+``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers in BENCHMARKS.md and is
+rewritten from the JSON lines; the prose around the markers is left alone.
+
+Statistics: final-epoch test accuracy (the primary figure) as mean +/- sample std
+over seeds; the paired difference to ``classical`` on the same seeds with a 95%
+Student-t interval; max-over-epochs accuracy beside it, labelled test-selected.
+
+Example (shell)::
+
+    deepopt report benchmarks/results/ablation.jsonl benchmarks/results/seed6.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["load_rows", "paired", "table", "main"]
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (df > 30: normal).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t95(df: int) -> float:
+    keys = [k for k in sorted(_T95) if k <= df]
+    return _T95[keys[-1]] if df <= 30 and keys else 1.96
+
+
+def load_rows(path: Path) -> list[dict]:
+    """All JSON rows of a results file (blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _key(row: dict) -> str:
+    mech = row.get("mechanism")
+    return mech["name"] if isinstance(mech, dict) else row["mode"]
+
+
+def paired(rows: list[dict], mode: str, base: str = "classical", field: str = "final_test_acc"):
+    """Mean paired difference ``mode - base`` over shared seeds, its 95% half-width, n."""
+    by = {(_key(r), r["seed"]): r[field] for r in rows}
+    diffs = [by[(mode, s)] - by[(base, s)] for (m, s) in by if m == mode and (base, s) in by]
+    if not diffs:
+        return None, None, 0
+    mean = statistics.fmean(diffs)
+    half = _t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return mean, half, len(diffs)
+
+
+def _fmt(mean: float | None, spread: float | None, sign: bool = False) -> str:
+    if mean is None:
+        return "–"
+    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text + (f" ± {spread:.2f}" if spread is not None else "")
+
+
+def table(rows: list[dict], order: list[str] | None = None) -> str:
+    """Markdown table per (net, mode/mechanism) of the given rows (one epoch budget)."""
+    groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["net"], _key(r))].append(r)
+    lines = [
+        "| net | mode | seeds | final test acc (mean ± std) | paired diff vs classical (95% CI) "
+        "| max test acc (test-selected) | s/epoch | cost vs classical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    nets = sorted({n for n, _ in groups})
+    for net in nets:
+        net_rows = [r for r in rows if r["net"] == net]
+        modes = [m for (n, m) in groups if n == net]
+        rank = {m: i for i, m in enumerate(order or [])}
+        modes.sort(key=lambda m: (m != "classical", rank.get(m, len(rank)), m))
+        base_sec = statistics.fmean(r["sec_per_epoch"] for r in groups[(net, "classical")]) \
+            if (net, "classical") in groups else None
+        for mode in modes:
+            g = groups[(net, mode)]
+            finals = [r["final_test_acc"] for r in g]
+            maxes = [r["max_test_acc"] for r in g]
+            sec = statistics.fmean(r["sec_per_epoch"] for r in g)
+            sd = statistics.stdev(finals) if len(finals) > 1 else None
+            diff, half, _ = paired(net_rows, mode) if mode != "classical" else (None, None, 0)
+            cost = f"{sec / base_sec:.2f}x" if base_sec else "–"
+            lines.append(
+                f"| {net} | {mode} | {len(g)} | {_fmt(statistics.fmean(finals), sd)} | "
+                f"{_fmt(diff, half, sign=True)} | {statistics.fmean(maxes):.2f} | {sec:.1f} | {cost} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
+    """One PNG per net: mean test-accuracy curve per mode over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for net in sorted({r["net"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        curves: dict[str, list[list[float]]] = defaultdict(list)
+        for r in rows:
+            if r["net"] == net:
+                curves[_key(r)].append(r["test_acc"])
+        for mode, accs in sorted(curves.items(), key=lambda kv: (kv[0] != "classical", kv[0])):
+            n = min(len(a) for a in accs)
+            mean = [statistics.fmean(a[i] for a in accs) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, label=f"{mode} (n={len(accs)})",
+                    lw=2.5 if mode in ("classical", "deepopt", "default") else 1.2)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: net {net}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out / f"{title}-net{net}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text.rstrip() + f"\n\n{block}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the generated blocks of BENCHMARKS.md and the plots from results files."""
+    p = argparse.ArgumentParser(prog="deepopt report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="results .jsonl files")
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="file to update")
+    p.add_argument("--plots", type=Path, default=Path("benchmarks/plots"), help="PNG folder")
+    args = p.parse_args(argv)
+    text = args.markdown.read_text() if args.markdown.exists() else "# Benchmarks\n"
+    for path in args.results:
+        rows = load_rows(path)
+        stem = path.stem
+        for epochs in sorted({r["epochs"] for r in rows}):
+            sel = [r for r in rows if r["epochs"] == epochs]
+            name = f"{stem}-{epochs}ep"
+            body = (f"_Generated by `deepopt report` from `{path.as_posix()}` "
+                    f"({len(sel)} runs, {epochs} epochs)._\n\n" + table(sel))
+            pngs = plot(sel, args.plots, name)
+            body += "\n\n" + " ".join(f"![{p.stem}]({p.as_posix()})" for p in pngs)
+            text = _replace_block(text, name, body)
+            print(f"{name}: {len(sel)} runs, {len(pngs)} plots")
+    args.markdown.write_text(text)
+    return 0

@@ -1,0 +1,134 @@
+"""``deepopt bench``: the seed6 benchmark and the mechanism ablation, resumable.
+
+Every finished run appends one JSON line to its results file; a restart skips the
+runs already there, so a benchmark accumulates across sessions.
+
+Example (shell)::
+
+    deepopt bench ablation --data ../shared/data/cifar10-jpeg.tar --nets 6 5 \\
+        --mechanisms classical msam-0.03 --seeds 0 1 2
+    deepopt bench seed6 --data ../shared/data/cifar10-jpeg.tar --nets 1 5 6 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["MECHANISMS", "SEED6_MODES", "main"]
+
+#: Ablation candidates: name -> keyword arguments of ``deepopt.activate`` (None = classical).
+#: ``closure: True`` makes the loop call ``optimizer.step(closure)`` (two-pass SAM).
+MECHANISMS: dict[str, dict | None] = {
+    "classical": None,
+    "safe": {"recipe": "safe"},
+    "msam-0.01": {"rho": 0.01},
+    "msam-0.03": {"rho": 0.03},
+    "msam-0.1": {"rho": 0.1},
+    "msam-0.3": {"rho": 0.3},
+    "msam-0.1-lr": {"rho": 0.1, "rho_follows_lr": True},
+    "msam-0.3-lr": {"rho": 0.3, "rho_follows_lr": True},
+    "amsam-0.5": {"rho": 0.5, "adaptive": True},
+    "amsam-2-lr": {"rho": 2.0, "adaptive": True, "rho_follows_lr": True},
+    "ema-0.999": {"average": "ema", "ema_decay": 0.999},
+    "ema-0.99": {"average": "ema", "ema_decay": 0.99},
+    "phase": {"average": "phase"},
+    "sam-0.05": {"recipe": "thorough", "sam_rho": 0.05, "closure": True},
+    "sam-0.02": {"recipe": "thorough", "sam_rho": 0.02, "closure": True},
+    "default": {"recipe": "default"},
+    "thorough": {"recipe": "thorough", "closure": True},
+}
+
+#: seed6 modes: deepopt's recipes and the peers a user would pick instead.
+SEED6_MODES = ("classical", "deepopt", "deepopt-thorough", "sam", "swa", "ema")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepopt bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="suite", required=True)
+    for name, help_ in (
+        ("ablation", "mechanism ablation -> ablation.jsonl"),
+        ("seed6", "the seed's six-network benchmark -> seed6.jsonl"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument(
+            "--data",
+            required=True,
+            help="CIFAR-10: the tar, an ImageFolder dir or cifar-10-batches-py",
+        )
+        s.add_argument(
+            "--nets", type=int, nargs="+", default=[6, 5, 1], help="seed6 net numbers (1-6)"
+        )
+        s.add_argument(
+            "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (init and data order)"
+        )
+        s.add_argument(
+            "--epochs", type=int, default=20, help="epoch budget (LR drops at 30/60/80%%)"
+        )
+        s.add_argument("--threads", type=int, default=2, help="torch threads")
+        s.add_argument(
+            "--out",
+            type=Path,
+            default=Path(f"benchmarks/results/{name}.jsonl"),
+            help="results file (one JSON line per finished run)",
+        )
+        s.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "ablation":
+            s.add_argument(
+                "--mechanisms",
+                nargs="+",
+                default=["classical", "default"],
+                choices=sorted(MECHANISMS),
+                help="candidates to run",
+            )
+        else:
+            s.add_argument(
+                "--modes",
+                nargs="+",
+                default=list(SEED6_MODES),
+                choices=SEED6_MODES,
+                help="modes to run",
+            )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the requested suite, skipping runs already in the results file."""
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .data import load_cifar10
+    from .train import append_row, finished, run
+
+    torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data)
+    done = finished(args.out) if args.out.exists() else set()
+    modes = args.mechanisms if args.suite == "ablation" else args.modes
+    for seed in args.seeds:  # seeds outermost: one seed of everything first
+        for net in args.nets:
+            for mode in modes:
+                if (net, mode, seed, args.epochs) in done:
+                    continue
+                kwargs = MECHANISMS[mode] if args.suite == "ablation" else None
+                row = (
+                    run(
+                        net,
+                        mode,
+                        seed,
+                        args.epochs,
+                        data,
+                        activate_kwargs=kwargs,
+                        progress=not args.no_progress,
+                    )
+                    if args.suite == "ablation"
+                    else run(net, mode, seed, args.epochs, data, progress=not args.no_progress)
+                )
+                if args.suite == "ablation":
+                    row["mechanism"] = {"name": mode, "settings": kwargs}
+                append_row(args.out, row)
+                print(
+                    f"net {net} {mode:>18} seed {seed}: final {row['final_test_acc']:.2f} "
+                    f"max {row['max_test_acc']:.2f} ({row['sec_per_epoch']:.1f} s/epoch)",
+                    flush=True,
+                )
+    return 0

@@ -34,14 +34,16 @@ def test_direction_reads_sgd_and_adam_buffers():
     assert direction({"square_avg": torch.ones(1)}) == (None, 0.0)
 
 
-def test_gradient_is_taken_at_w_minus_rho_unit_momentum():
-    """One linear layer: the 2nd step's gradient equals the gradient at w - rho m/||m||."""
+@pytest.mark.parametrize("ascent, sign", [(False, -1.0), (True, 1.0)])
+def test_gradient_is_taken_at_w_plus_or_minus_rho_unit_momentum(ascent, sign):
+    """One linear layer: the 2nd step's gradient equals the gradient at w -/+ rho m/||m||."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     ref = nn.Linear(4, 1)
     ref.load_state_dict(model.state_dict())
     rho = 0.3
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho,
+                                  ascent=ascent)
     x = torch.randn(8, 4)
     model(x).pow(2).mean().backward()
     opt.step(); opt.zero_grad()
@@ -50,7 +52,7 @@ def test_gradient_is_taken_at_w_minus_rho_unit_momentum():
     norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in m]))
     with torch.no_grad():
         for p_ref, wi, mi in zip(ref.parameters(), w, m):
-            p_ref.copy_(wi - rho * mi / norm)
+            p_ref.copy_(wi + sign * rho * mi / norm)
     ref(x).pow(2).mean().backward()
     model(x).pow(2).mean().backward()
     for p, p_ref in zip(model.parameters(), ref.parameters()):

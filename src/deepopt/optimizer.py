@@ -279,7 +279,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             return
         e = perturbation(dirs, rho, weights=params if s.adaptive else None)
         self._enter(params, "perturbed")
-        torch._foreach_add_(params, e, alpha=sign)
+        torch._foreach_add_(params, e, alpha=abs(sign) if s.ascent else sign)
 
     # -- model hooks ---------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

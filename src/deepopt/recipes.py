@@ -22,6 +22,8 @@ class Settings:
     Attributes:
         rho: radius of the momentum-direction perturbation (zero extra passes);
             0 turns it off.
+        ascent: perturb along ``+m`` (uphill, SAM's sign with the momentum standing in
+            for the gradient) instead of ``-m`` (along the update, Momentum-SAM's sign).
         rho_follows_lr: scale ``rho`` by ``lr / initial lr`` so the perturbation
             shrinks with the learning rate schedule.
         adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
@@ -38,6 +40,7 @@ class Settings:
     """
 
     rho: float = 0.0
+    ascent: bool = False
     rho_follows_lr: bool = False
     adaptive: bool = False
     sam_rho: float = 0.0

@@ -69,6 +69,7 @@ def main(steps: int = 20, global_batch: int = 32) -> None:
     agree = all(torch.equal(mine, other) for other in everyone)
     if rank == 0:
         print(f"eval accuracy {acc:.3f}; weights bitwise equal on all {world} ranks: {agree}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still finishes the all_gather
     dist.destroy_process_group()
     if not agree:
         raise SystemExit(1)

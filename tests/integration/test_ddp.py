@@ -187,6 +187,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate")}
         results["sharded"] = sharded_errors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still communicates
     finally:
         dist.destroy_process_group()
 

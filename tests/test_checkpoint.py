@@ -19,6 +19,7 @@ RECIPE_CASES = [
     {"recipe": "default", "average": "ema"},
     {"recipe": "default", "average": "phase", "rho": 0.1},
     {"recipe": "thorough", "closure": True},
+    {"recipe": "default", "lookahead_k": 3, "rho": 0.1},
 ]
 
 

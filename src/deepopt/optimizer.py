@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .mechanisms.average import WeightAverage
 from .mechanisms.calibrate import calibrate_
 from .mechanisms.guard import DivergenceGuard, all_finite
+from .mechanisms.lookahead import Lookahead
 from .mechanisms.perturb import direction, perturbation
 from .recipes import Settings
 
@@ -88,6 +89,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.calibrated: bool | None = None if settings.calibrate else False
         self.average = WeightAverage(settings.average, settings.ema_decay) if settings.average else None
         self.guard = DivergenceGuard(settings.max_skips) if settings.guard else None
+        self.lookahead = Lookahead(settings.lookahead_k, settings.lookahead_alpha) if settings.lookahead_k else None
         self._max_lr = 0.0
         self._last_grads: dict[Tensor, Tensor] = {}
         self._view = "train"
@@ -218,6 +220,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.steps += 1
         self._pending_train_values = None
         lr = float(self.param_groups[0]["lr"])
+        if self.lookahead is not None:
+            self.lookahead.after_step(self._params())
         if self.average is not None:
             self.average.update(self._eval_targets(), lr=lr)
         if self.settings.rho > 0 and not self._has_momentum():
@@ -354,6 +358,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             "max_lr": self._max_lr,
             "average": None if self.average is None else self.average.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
+            "lookahead": None if self.lookahead is None else self.lookahead.state_dict(),
             "last_grads": [self._last_grads.get(p) for p in params] if self._last_grads else None,
             # model.state_dict() may hold the evaluation weights; resuming needs these.
             "train_values": self._train_values() if self.average is not None else None,
@@ -383,6 +388,8 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.average.load_state_dict(deep["average"])
         if self.guard is not None and deep["guard"] is not None:
             self.guard.load_state_dict(deep["guard"])
+        if self.lookahead is not None and deep.get("lookahead") is not None:
+            self.lookahead.load_state_dict(deep["lookahead"])
         grads = deep["last_grads"] or []
         self._last_grads = {p: g.clone() for p, g in zip(params, grads) if g is not None}
         values = deep["train_values"]

@@ -29,6 +29,8 @@ class Settings:
         adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
         sam_rho: radius of exact two-pass SAM, used when ``step(closure)`` is given;
             0 turns it off.
+        lookahead_k: Lookahead slow/fast weights, sync every ``k`` steps; 0 turns it off.
+        lookahead_alpha: Lookahead's step of the slow weights towards the fast, in (0, 1].
         average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
             current LR phase); what ``model.eval()`` computes with.
         ema_decay: EMA decay in ``[0, 1)``.
@@ -44,6 +46,8 @@ class Settings:
     rho_follows_lr: bool = False
     adaptive: bool = False
     sam_rho: float = 0.0
+    lookahead_k: int = 0
+    lookahead_alpha: float = 0.5
     average: str | None = None
     ema_decay: float = 0.999
     calibrate: bool = True
@@ -57,6 +61,10 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
+        if not isinstance(self.lookahead_k, int) or self.lookahead_k < 0:
+            raise ValueError(f"lookahead_k={self.lookahead_k!r} is invalid: it must be an integer >= 0 (0 = off).")
+        if not 0.0 < self.lookahead_alpha <= 1.0:
+            raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "phase"):

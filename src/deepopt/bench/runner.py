@@ -33,6 +33,8 @@ MECHANISMS: dict[str, dict | None] = {
     "up-0.2": {"rho": 0.2, "ascent": True},
     "up-0.5": {"rho": 0.5, "ascent": True},
     "amsam-2-lr": {"rho": 2.0, "adaptive": True, "rho_follows_lr": True},
+    "lookahead-5": {"lookahead_k": 5, "lookahead_alpha": 0.5},
+    "lookahead-10-0.8": {"lookahead_k": 10, "lookahead_alpha": 0.8},
     "ema-0.999": {"average": "ema", "ema_decay": 0.999},
     "ema-0.99": {"average": "ema", "ema_decay": 0.99},
     "phase": {"average": "phase"},

@@ -1,0 +1,176 @@
+"""Hugging Face Trainer: callbacks=[DeepOpt()] trains with deepopt, evaluate() uses the
+evaluation weights, checkpoints and save_model carry the state. Tiny BERT from a config,
+no hub access."""
+
+from __future__ import annotations
+
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import deepopt  # noqa: E402
+from deepopt.integrations.huggingface import DeepOpt  # noqa: E402
+
+SETTINGS = {"rho": 0.05, "average": "ema", "ema_decay": 0.9}
+STEPS = 6
+
+
+def tiny_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Random token sequences; the label says whether token 1 occurs."""
+
+    def __init__(self, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(2, 64, (n, 12), generator=g)
+        self.ids[::2, 3] = 1
+        self.labels = (self.ids == 1).any(1).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long),
+                "labels": self.labels[i]}
+
+
+def make_trainer(tmp_path, model=None, callbacks=(), **kwargs) -> transformers.Trainer:
+    opts = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+                max_steps=STEPS, learning_rate=5e-3, warmup_steps=0, logging_strategy="no",
+                save_strategy="no", report_to="none", use_cpu=True, seed=0,
+                dataloader_num_workers=0, disable_tqdm=True)
+    opts.update(kwargs)
+    return transformers.Trainer(model=model if model is not None else tiny_bert(),
+                                args=transformers.TrainingArguments(**opts), train_dataset=Pairs(),
+                                eval_dataset=Pairs(32, seed=1), callbacks=list(callbacks))
+
+
+def weights(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    was = model.training
+    model.train()
+    train = [t.clone() for t in model.state_dict().values()]
+    model.eval()
+    evals = [t.clone() for t in model.state_dict().values()]
+    model.train(was)
+    return {"train": train, "eval": evals}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
+
+
+def eval_loss(model: torch.nn.Module, values: list[torch.Tensor]) -> float:
+    """Mean eval loss of a plain copy of ``model`` holding ``values`` (state_dict order)."""
+    plain = tiny_bert()
+    plain.load_state_dict(dict(zip(plain.state_dict(), values)))
+    plain.eval()
+    data = Pairs(32, seed=1)
+    with torch.no_grad():
+        batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("input_ids", "attention_mask")}
+        logits = plain(**batch).logits
+    return torch.nn.functional.cross_entropy(logits, data.labels).item()
+
+
+def test_train_uses_deepopt_and_evaluate_uses_the_evaluation_weights(tmp_path):
+    callback = DeepOpt(**SETTINGS)
+    trainer = make_trainer(tmp_path, callbacks=[callback])
+    trainer.train()
+    opt = callback.optimizer
+    assert isinstance(opt, deepopt.DeepOptimizer) and trainer.optimizer.optimizer is opt
+    assert opt.steps == opt.average.count == STEPS
+    assert trainer.lr_scheduler.optimizer.param_groups is opt.param_groups
+    assert opt.param_groups[0]["lr"] < 5e-3  # the Trainer's linear schedule drove the LR
+
+    model = trainer.model
+    w = weights(model)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(eval_loss(model, w["eval"]), rel=1e-5)
+    assert metrics["eval_loss"] != pytest.approx(eval_loss(model, w["train"]), rel=1e-5)
+
+    # save_model after train() writes the evaluation weights
+    trainer.save_model(str(tmp_path / "final"))
+    saved = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    for value, evaluated in zip(saved.state_dict().values(), w["eval"]):
+        assert torch.equal(value, evaluated)
+
+
+def test_disabled_callback_changes_nothing(tmp_path):
+    off = make_trainer(tmp_path / "off", callbacks=[DeepOpt(enabled=False, **SETTINGS)])
+    off.train()
+    plain = make_trainer(tmp_path / "plain")
+    plain.train()
+    assert_same(weights(off.model), weights(plain.model))
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    full_cb = DeepOpt(**SETTINGS)
+    full = make_trainer(tmp_path / "full", callbacks=[full_cb])
+    full.train()
+
+    first = make_trainer(tmp_path / "run", callbacks=[DeepOpt(**SETTINGS)], save_strategy="steps", save_steps=3)
+    first.train()
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert saved["deepopt"]["steps"] == 3
+    # the checkpoint's model file holds the evaluation weights at step 3
+    on_disk = transformers.BertForSequenceClassification.from_pretrained(str(ckpt)).state_dict()
+    params = [p for p in first.model.parameters()]
+    n = len(saved["deepopt"]["average"]["tensors"])
+    assert n == len(params) + len(list(first.model.buffers()))
+    word_embeddings = saved["deepopt"]["average"]["tensors"][0]
+    assert torch.equal(on_disk["bert.embeddings.word_embeddings.weight"], word_embeddings)
+
+    resumed_cb = DeepOpt(**SETTINGS)
+    resumed = make_trainer(tmp_path / "run", callbacks=[resumed_cb], save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed_cb.optimizer.steps == full_cb.optimizer.steps == STEPS
+    assert_same(weights(resumed.model), weights(full.model))
+
+
+def test_gradient_accumulation_and_bf16_step_once_per_optimizer_step(tmp_path):
+    callback = DeepOpt(**SETTINGS)
+    trainer = make_trainer(tmp_path, callbacks=[callback], gradient_accumulation_steps=2, bf16=True,
+                           max_grad_norm=0.5)
+    perturbations = []
+    perturb = None
+
+    def counted():
+        perturb()
+        perturbations.append(callback.optimizer._view == "perturbed")
+
+    original_begin = callback.on_train_begin
+
+    def begin(*args, **kwargs):
+        nonlocal perturb
+        original_begin(*args, **kwargs)
+        perturb = callback.optimizer._perturb
+        callback.optimizer._perturb = counted
+
+    callback.on_train_begin = begin
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    opt = callback.optimizer
+    assert opt.steps == opt.average.count == STEPS
+    assert sum(perturbations) == STEPS - 1  # one per optimizer step once momentum exists
+
+
+def test_example_script_runs(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
+    runpy.run_path(str(example))["main"](str(tmp_path), steps=4)

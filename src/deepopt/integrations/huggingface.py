@@ -37,8 +37,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import logging
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.utils import logging
+except ImportError as e:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "deepopt.integrations.huggingface needs transformers and accelerate: "
+        "pip install 'deepopt[huggingface]'"
+    ) from e
 
 from ..activate import activate
 from ..optimizer import DeepOptimizer

@@ -29,9 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_warn
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.utilities import rank_zero_warn
+except ImportError as e:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "deepopt.integrations.lightning needs Lightning: pip install 'deepopt[lightning]'"
+    ) from e
 
 from ..activate import activate, deactivate
 from ..optimizer import DeepOptimizer

@@ -111,6 +111,9 @@ def test_tiny_demo_writes_table_png_and_json(capsys, tmp_path):
         for name in ("classical", "deepopt"):
             assert len(s[name]["test_acc"]) == len(s[name]["epoch_seconds"]) == 2
             assert all(0 <= a <= 100 for a in s[name]["test_acc"])
+    assert result["seeds"][0]["deepopt"]["calibrated"] is False
+    assert result["seeds"][0]["deepopt"]["skipped_steps"] == 0
+    assert "calibration applied in 0 of 2 runs" in out
     final = result["summary"]["final_test_acc"]
     diffs = [s["deepopt"]["test_acc"][-1] - s["classical"]["test_acc"][-1] for s in result["seeds"]]
     assert final["difference"]["mean"] == pytest.approx(float(np.mean(diffs)))
@@ -126,6 +129,8 @@ def test_runs_share_init_and_data_order():
     assert pair["classical"]["test_acc"] == pair["deepopt"]["test_acc"]
     assert pair["classical"]["train_loss"] == pair["deepopt"]["train_loss"]
     assert pair["classical"]["lr"] == pair["deepopt"]["lr"]
+    result = {"seeds": [pair]}
+    assert "The two runs are identical" in "\n".join(demo._notes(result))
 
 
 def test_closure_form_for_exact_sam_leaves_the_classical_run_unchanged():

@@ -29,6 +29,7 @@ import os
 import random
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -284,14 +285,19 @@ class _Run:
         self.test_acc.append(100.0 * float((logits.argmax(1) == y).float().mean()))
         self.model.train()
 
-    def record(self) -> dict[str, list[float]]:
-        return {
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "test_acc": self.test_acc,
             "test_loss": self.test_loss,
             "train_loss": self.train_loss,
             "lr": self.lr,
             "epoch_seconds": self.seconds,
         }
+        guard = getattr(self.opt, "guard", None)
+        if hasattr(self.opt, "settings"):  # a DeepOptimizer: what its mechanisms did
+            out["calibrated"] = bool(getattr(self.opt, "calibrated", False))
+            out["skipped_steps"] = int(guard.skipped) if guard is not None else 0
+        return out
 
 
 def train_pair(
@@ -305,7 +311,7 @@ def train_pair(
     lr: float | None = None,
     batch_size: int = DEFAULT_BATCH,
     on_epoch: Callable[[int, float, float], None] | None = None,
-) -> dict[str, dict[str, list[float]]]:
+) -> dict[str, dict[str, Any]]:
     """Train ``net`` classically and with deepopt from the same init and data order.
 
     Args:
@@ -325,7 +331,9 @@ def train_pair(
 
     Returns:
         ``{"classical": record, "deepopt": record}``, each record holding per-epoch
-        lists ``test_acc`` (%), ``test_loss``, ``train_loss``, ``lr`` and ``epoch_seconds``.
+        lists ``test_acc`` (%), ``test_loss``, ``train_loss``, ``lr`` and ``epoch_seconds``;
+        the deepopt record also says whether start-up calibration acted (``calibrated``)
+        and how many steps the divergence guard skipped (``skipped_steps``).
     """
     from deepopt.recipes import resolve
 
@@ -357,7 +365,7 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _summarise(per_seed: list[dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
+def _summarise(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     metrics = {
         "final_test_acc": lambda r: r["test_acc"][-1],
@@ -380,7 +388,7 @@ def _summarise(per_seed: list[dict[str, dict[str, list[float]]]]) -> dict[str, A
 
 def _run_seeds(
     data: dict[str, Tensor], *, net: str, epochs: int, seeds: range, progress: bool, **kwargs: Any
-) -> list[dict[str, dict[str, list[float]]]]:
+) -> list[dict[str, dict[str, Any]]]:
     from tqdm.auto import tqdm
 
     per_seed = []
@@ -523,7 +531,29 @@ def format_table(result: dict[str, Any]) -> str:
         f"momentum {MOMENTUM:g}, batch {cfg['batch_size']}, LR /10 at epochs {cfg['lr_milestones']}"
     )
     rule = "-" * len(line(header))
-    return "\n".join([title, rule, line(header), rule, *map(line, body), rule])
+    notes = [textwrap.fill(n, width=max(len(rule), 80)) for n in _notes(result)]
+    return "\n".join([title, rule, line(header), rule, *map(line, body), rule, *notes])
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    runs = result["seeds"]
+    n = len(runs)
+    calibrated = sum(bool(s["deepopt"].get("calibrated")) for s in runs)
+    skipped = sum(int(s["deepopt"].get("skipped_steps", 0)) for s in runs)
+    notes = [
+        f"deepopt: start-up calibration applied in {calibrated} of {n} run{'s' if n > 1 else ''}, "
+        f"{skipped} step{'s' if skipped != 1 else ''} skipped by the divergence guard."
+    ]
+    same = all(
+        s["classical"][k] == s["deepopt"][k] for s in runs for k in ("test_acc", "train_loss")
+    )
+    if same:
+        notes.append(
+            "The two runs are identical: with these settings deepopt changed nothing in this "
+            "network's training (no calibration was needed, no step was skipped). Other "
+            "mechanisms are opt-in, e.g. --set rho=0.05 or --set average=ema."
+        )
+    return notes
 
 
 def plot_curves(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -535,11 +565,11 @@ def plot_curves(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     cfg = result["config"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, colour in (("classical", "tab:gray"), ("deepopt", "tab:blue")):
+    for name, colour, style, width in (("classical", "tab:gray", "-", 3.0), ("deepopt", "tab:blue", "--", 1.6)):
         curves = np.array([s[name]["test_acc"] for s in result["seeds"]])
         epochs = np.arange(1, curves.shape[1] + 1)
         label = f"{name} (final {curves[:, -1].mean():.1f}%)"
-        ax.plot(epochs, curves.mean(0), color=colour, lw=2, label=label)
+        ax.plot(epochs, curves.mean(0), color=colour, ls=style, lw=width, label=label)
         if len(curves) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=colour, alpha=0.2, lw=0)
     for m in cfg["lr_milestones"]:

@@ -183,6 +183,15 @@ def test_disabled_callback_changes_nothing(tmp_path):
     assert_same(weights(on), weights(off))
 
 
+def test_a_second_fit_replaces_the_first_wrapper(tmp_path):
+    module, callback = Net(), DeepOpt(**SETTINGS)
+    trainer(tmp_path, epochs=1, callbacks=[callback]).fit(module, loader())
+    first = callback.optimizer
+    trainer(tmp_path, epochs=1, callbacks=[callback]).fit(module, loader())
+    assert callback.optimizer is not first and callback.optimizer.steps == BATCHES
+    assert len(module._forward_pre_hooks) == 1  # the first wrapper's hooks are gone
+
+
 def test_bad_settings_fail_at_construction():
     with pytest.raises(ValueError, match="unknown override"):
         DeepOpt(rhoo=0.1)

@@ -119,6 +119,7 @@ class DeepOpt(pl.Callback):
             self.optimizer._show("train")
 
     def _show_eval(self, *_: Any) -> None:
+        """Show the evaluation weights (validation, test and predict batches)."""
         if self.optimizer is not None:
             self.optimizer._show("eval")
 

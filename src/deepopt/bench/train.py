@@ -1,6 +1,33 @@
 """The seed6 training loop (protocol/seed6.md) on CPU, and its JSON-lines result rows.
 
-PROFILE_NOTE
+Speed (profiled 2026-11-22 on this box: 2 vCPU AMD EPYC with AVX-512, torch 2.13 CPU,
+oneDNN 3.12; a few hundred SGD steps on the real data; s/epoch = 782 steps x ms/step,
+evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs, so
+"cpu" (this process's CPU ms/step) is the steadier figure; "quiet" = machine otherwise idle.
+
+    net  quiet, 2 thr     loaded, 1 thr     loaded, 2 thr     torch.compile (1 thr)
+    5    5.0 ms (3.9 s)   cpu 9.5           cpu 10.5          cpu 9.7, compile 35 s
+    6    3.0 ms (2.4 s)   cpu 5.0           cpu 5.8           cpu 5.5, compile 17 s
+    1    10.6 ms (8.3 s)  cpu 13-15         cpu 20, wall 46   cpu 17.3, compile 29 s
+    4    -                cpu 135-139       cpu 175, wall 338 cpu 143, compile 67 s
+         (net 4: ~106 s/epoch on one full core; eval of the 10k test images 18-27 s loaded)
+
+- 2 threads barely beat 1 on a quiet machine (net 1: 10.6 vs <= 10.5 ms/step), and
+  under load libgomp's spin-waiting makes them 8-15x slower (net 1: 203-241 ms/step vs
+  16-31) unless OMP_WAIT_POLICY=PASSIVE is set before torch is imported (39 ms/step).
+  Best throughput on this box: two runs in parallel, one thread each
+  (``torch.set_num_threads(1)``); with 2 threads per run, export OMP_WAIT_POLICY=PASSIVE.
+- channels_last (model + data): net 1 cpu -6..-8%, net 4 -12% once and +6% once (noise
+  level), 2 threads worse. Not used: no robust gain, and channels_last parameters break
+  ``p.view(-1)`` / ``parameters_to_vector`` in mechanisms.
+- torch.compile: no gain on the MLPs, 30% slower on net 1, plus 17-67 s compile per run.
+  Not used.
+- oneDNN (``torch.backends.mkldnn``): disabling it makes net 1 ~4x slower (91 vs 23 ms/step,
+  same load); ``deterministic=True`` costs nothing measurable (cpu 11.9 vs 12-15) and is not
+  needed; ``fp32_precision="bf16"`` (cpu 11.3) changes the numerics, so not used.
+- Every configuration tried (1/2 threads, channels_last, compile) gave bit-identical
+  weights for two runs of the same seed. Chosen: eager fp32, NCHW, oneDNN on (defaults);
+  the thread count is the caller's and is recorded in each row.
 
 Example::
 
@@ -119,6 +146,10 @@ def run(
             The extra key ``"closure": True`` (removed before the call) makes the
             loop pass a closure that recomputes the loss to ``optimizer.step``.
         progress: show a tqdm bar over epochs.
+
+    Threads are not set here: call ``torch.set_num_threads`` first (see the speed
+    note at the top of this module: one thread per run, two runs in parallel, is
+    the fastest on a 2-core machine).
 
     Returns:
         The result row: ``net, mode, seed, epochs``; ``test_acc`` (percent, after

@@ -231,6 +231,7 @@ def _write_cache(cfile: Path, key: str, arrays: Arrays) -> None:
             np.savez(
                 f, key=np.array(key), x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
             )
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shareable read-only data
         os.replace(tmp, cfile)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

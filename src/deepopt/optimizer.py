@@ -17,6 +17,7 @@ every place a user can observe the model (``step``, ``zero_grad``, ``eval`` forw
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -97,13 +98,19 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._backup: list[Tensor] = []
         self._hold = False  # mechanisms paused (inside calibration / two-pass SAM)
         self._pending_train_values: list[Tensor] | None = None
+        self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
+        self._momentum: bool | None = None  # whether the base optimizer keeps a momentum
+        self._warned_no_closure = False
         self._handles = [
             model.register_forward_pre_hook(_ModelHook(self, "_on_forward"), with_kwargs=True),
-            model.register_forward_hook(_ModelHook(self, "_on_forward_done")),
-            model.register_forward_hook(_ModelHook(self, "_on_forward_exit"), always_call=True),
             model.register_state_dict_pre_hook(_ModelHook(self, "_on_state_dict")),
             model.register_load_state_dict_post_hook(_ModelHook(self, "_on_model_loaded")),
         ]
+        if settings.rho > 0:  # only a perturbing forward needs undoing when it raises
+            self._handles += [
+                model.register_forward_hook(_ModelHook(self, "_on_forward_done")),
+                model.register_forward_hook(_ModelHook(self, "_on_forward_exit"), always_call=True),
+            ]
         self._forward_ok = False
 
     # -- what torch.optim.Optimizer users and schedulers touch ---------------------------
@@ -159,6 +166,14 @@ class DeepOptimizer(torch.optim.Optimizer):
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
         if closure is not None and self.settings.sam_rho > 0:
             return self._two_pass_step(closure, **kwargs)
+        if self.settings.sam_rho > 0 and not self._warned_no_closure:
+            self._warned_no_closure = True
+            warnings.warn(
+                f"sam_rho={self.settings.sam_rho} (two-pass SAM) acts only through "
+                "optimizer.step(closure); this step() got no closure, so SAM is skipped. Pass a "
+                "closure that zeroes grads, computes the loss, calls backward and returns it.",
+                stacklevel=2,
+            )
         loss = None
         try:
             if closure is not None:
@@ -224,18 +239,24 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.lookahead.after_step(self._params())
         if self.average is not None:
             self.average.update(self._eval_targets(), lr=lr)
-        if self.settings.rho > 0 and not self._has_momentum():
-            self._last_grads = {p: p.grad.clone() for p in self._params() if p.grad is not None}
+        if self.settings.rho > 0:
+            if self._momentum is None:
+                self._momentum = any(direction(s)[0] is not None for s in self.optimizer.state.values())
+            if not self._momentum:
+                self._last_grads = {p: p.grad.clone() for p in self._params() if p.grad is not None}
 
     # -- views ---------------------------------------------------------------------------
     def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        # Rebuilt only when the groups change (add_param_group, load_state_dict): this
+        # runs several times per step.
+        groups = self.param_groups
+        key = (id(groups), *(id(g["params"]) for g in groups), *(len(g["params"]) for g in groups))
+        if key != self._param_cache[0]:
+            self._param_cache = (key, [p for g in groups for p in g["params"] if p.requires_grad])
+        return self._param_cache[1]
 
     def _eval_targets(self) -> list[Tensor]:
         return self._params() + list(self.model.buffers())
-
-    def _has_momentum(self) -> bool:
-        return any(direction(s)[0] is not None for s in self.optimizer.state.values())
 
     @torch.no_grad()
     def _enter(self, tensors: list[Tensor], view: str) -> None:

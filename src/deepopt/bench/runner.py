@@ -51,6 +51,8 @@ SEED6_MODES = ("classical", "deepopt", "deepopt-thorough", "sam", "swa", "ema")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepopt bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="suite", required=True)
+    sub.add_parser("overhead", help="per-step CPU cost of recipes vs classical -> overhead.jsonl "
+                   "(options: deepopt bench overhead --help)")
     for name, help_ in (
         ("ablation", "mechanism ablation -> ablation.jsonl"),
         ("seed6", "the seed's six-network benchmark -> seed6.jsonl"),
@@ -99,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the requested suite, skipping runs already in the results file."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["overhead"]:  # per-step cost, its own options
+        from .overhead import main as overhead_main
+
+        return overhead_main(argv[1:])
     args = _parser().parse_args(argv)
     import torch
 

@@ -1,0 +1,81 @@
+"""``deepopt bench overhead``: per-step cost of a recipe against classical training.
+
+Classical and activated steps run in alternating blocks inside one single-threaded
+process and are timed with the process's CPU clock, so load from other jobs on the
+machine slows both alike and the ratio stays honest. Rows go to
+``benchmarks/results/overhead.jsonl``.
+
+Example (shell)::
+
+    deepopt bench overhead --nets 6 5 1 --settings '{}' '{"rho": 0.1}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["step_costs", "main"]
+
+
+def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed: int = 0) -> dict:
+    """Median CPU milliseconds per training step, classical vs activated with ``settings``."""
+    import deepopt
+    from deepopt.bench.nets import build_net
+
+    from .train import LR, MOMENTUM, WEIGHT_DECAY
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64 * block, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (64 * block,), generator=g)
+    runs = {}
+    for name in ("classical", "activated"):
+        torch.manual_seed(seed)
+        model = build_net(net)
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        if name == "activated":
+            model, opt = deepopt.activate(model, opt, **settings)
+        runs[name] = (model, opt, [])
+
+    def one_block(model, opt) -> float:
+        t0 = time.process_time()
+        for i in range(block):
+            xb, yb = x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return (time.process_time() - t0) * 1000 / block
+
+    for _ in range(max(1, steps // block)):
+        for model, opt, times in runs.values():
+            times.append(one_block(model, opt))
+    classical = statistics.median(runs["classical"][2][1:])  # first block: warm-up
+    activated = statistics.median(runs["activated"][2][1:])
+    return {"net": net, "settings": settings, "ms_per_step_classical": classical,
+            "ms_per_step_activated": activated, "ratio": activated / classical,
+            "steps": steps, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepopt bench overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", type=int, nargs="+", default=[6, 5, 1])
+    p.add_argument("--settings", nargs="+", default=["{}"], help="JSON dicts of activate kwargs")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.jsonl"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for net in args.nets:
+        for text in args.settings:
+            row = step_costs(net, json.loads(text), steps=args.steps)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"net {net} {text}: {row['ms_per_step_classical']:.2f} -> "
+                  f"{row['ms_per_step_activated']:.2f} ms/step ({row['ratio']:.3f}x)", flush=True)
+    return 0

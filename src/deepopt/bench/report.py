@@ -8,6 +8,13 @@ Statistics: final-epoch test accuracy (the primary figure) as mean +/- sample st
 over seeds; the paired difference to ``classical`` on the same seeds with a 95%
 Student-t interval; max-over-epochs accuracy beside it, labelled test-selected.
 
+The seed6 table (rows without an ablation ``mechanism``) adds the paired difference
+to ``deepopt`` on the same net and seeds, and each run's total training time relative
+to deepopt's: an equal-time row (``sam-equal-time``: ``epochs`` trained, ``budget_of``
+the nominal budget) sits in the block of its nominal budget and is paired with the
+deepopt run of that budget. Its last rows average each mode over the nets: the mean
+over nets of the per-net paired differences.
+
 Example (shell)::
 
     deepopt report benchmarks/results/ablation.jsonl benchmarks/results/seed6.jsonl
@@ -23,7 +30,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["load_rows", "paired", "table", "main"]
+__all__ = ["load_rows", "paired", "seed6_table", "table", "main"]
 
 # Two-sided 95% Student-t quantiles by degrees of freedom (df > 30: normal).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -55,6 +62,11 @@ def paired(rows: list[dict], mode: str, base: str = "classical", field: str = "f
     mean = statistics.fmean(diffs)
     half = _t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return mean, half, len(diffs)
+
+
+def budget(row: dict) -> int:
+    """The epoch budget a row belongs to: ``budget_of`` for an equal-time run, else ``epochs``."""
+    return int(row.get("budget_of", row["epochs"]))
 
 
 def _fmt(mean: float | None, spread: float | None, sign: bool = False) -> str:
@@ -94,6 +106,83 @@ def table(rows: list[dict], order: list[str] | None = None) -> str:
                 f"| {net} | {mode} | {len(g)} | {_fmt(statistics.fmean(finals), sd)} | "
                 f"{_fmt(diff, half, sign=True)} | {statistics.fmean(maxes):.2f} | {sec:.1f} | {cost} |"
             )
+    return "\n".join(lines)
+
+
+#: Row order of the seed6 table (modes not listed follow, alphabetically).
+SEED6_ORDER = ["classical", "deepopt", "deepopt-thorough", "sam", "sam-equal-time", "swa", "ema"]
+
+
+def seed6_table(rows: list[dict]) -> str:
+    """Markdown table per (net, mode) of seed6 rows of one budget, and suite averages.
+
+    Beside :func:`table`'s columns: the paired difference to ``deepopt`` (same net,
+    same seeds, nominal budget; for ``sam-equal-time`` this is the equal-wall-clock
+    comparison) and the mean total training time (``sec_per_epoch x epochs``) relative
+    to deepopt's. The ``all nets`` rows give, per mode, the mean over the nets that have
+    both runs of the per-net mean paired difference (no interval: the nets differ).
+    """
+    groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["net"], _key(r))].append(r)
+    rank = {m: i for i, m in enumerate(SEED6_ORDER)}
+
+    def order(modes):
+        return sorted(set(modes), key=lambda m: (rank.get(m, len(rank)), m))
+
+    def total_sec(g: list[dict]) -> float:
+        return statistics.fmean(r["sec_per_epoch"] * r["epochs"] for r in g)
+
+    lines = [
+        "| net | mode | seeds | epochs trained | final test acc (mean ± std) "
+        "| paired diff vs classical (95% CI) | paired diff vs deepopt (95% CI) "
+        "| max test acc (test-selected) | s/epoch | train time vs deepopt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_net: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for net in sorted({n for n, _ in groups}):
+        net_rows = [r for r in rows if r["net"] == net]
+        base = groups.get((net, "deepopt"))
+        for mode in order(m for (n, m) in groups if n == net):
+            g = groups[(net, mode)]
+            finals = [r["final_test_acc"] for r in g]
+            sd = statistics.stdev(finals) if len(finals) > 1 else None
+            d_cl, h_cl, _ = paired(net_rows, mode) if mode != "classical" else (None, None, 0)
+            d_do, h_do, _ = (
+                paired(net_rows, mode, base="deepopt")
+                if mode not in ("classical", "deepopt")
+                else (None, None, 0)
+            )
+            time_ratio = f"{total_sec(g) / total_sec(base):.2f}x" if base else "–"
+            if d_cl is not None:
+                per_net[mode]["classical"].append(d_cl)
+            if d_do is not None:
+                per_net[mode]["deepopt"].append(d_do)
+            if base:
+                per_net[mode]["time"].append(total_sec(g) / total_sec(base))
+            trained = sorted({r["epochs"] for r in g})
+            lines.append(
+                f"| {net} | {mode} | {len(g)} | {'/'.join(map(str, trained))} "
+                f"| {_fmt(statistics.fmean(finals), sd)} | {_fmt(d_cl, h_cl, sign=True)} "
+                f"| {_fmt(d_do, h_do, sign=True)} "
+                f"| {statistics.fmean(r['max_test_acc'] for r in g):.2f} "
+                f"| {statistics.fmean(r['sec_per_epoch'] for r in g):.1f} | {time_ratio} |"
+            )
+    for mode in order(per_net):
+        if mode == "classical":
+            continue
+        vs = per_net[mode]
+
+        def avg(key: str, vs=vs) -> str:
+            if not vs[key]:
+                return "–"
+            m = statistics.fmean(vs[key])
+            return f"{m:.2f}x" if key == "time" else f"{m:+.2f} (mean of {len(vs[key])} nets)"
+
+        lines.append(
+            f"| all nets | {mode} | – | – | – | {avg('classical')} | {avg('deepopt')} "
+            f"| – | – | {avg('time')} |"
+        )
     return "\n".join(lines)
 
 
@@ -147,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.results:
         rows = load_rows(path)
         stem = path.stem
-        for epochs in sorted({r["epochs"] for r in rows}):
-            sel = [r for r in rows if r["epochs"] == epochs]
+        for epochs in sorted({budget(r) for r in rows}):
+            sel = [r for r in rows if budget(r) == epochs]  # equal-time rows by their budget
             name = f"{stem}-{epochs}ep"
+            ablation = any("mechanism" in r for r in sel)
             body = (f"_Generated by `deepopt report` from `{path.as_posix()}` "
-                    f"({len(sel)} runs, {epochs} epochs)._\n\n" + table(sel))
+                    f"({len(sel)} runs, {epochs} epochs)._\n\n"
+                    + (table(sel) if ablation else seed6_table(sel)))
             pngs = plot(sel, args.plots, name)
             body += "\n\n" + " ".join(f"![{p.stem}]({p.as_posix()})" for p in pngs)
             text = _replace_block(text, name, body)

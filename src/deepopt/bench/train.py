@@ -1,5 +1,10 @@
 """The seed6 training loop (protocol/seed6.md) on CPU, and its JSON-lines result rows.
 
+One loop for every mode of :data:`MODES`: ``classical``, deepopt's recipes (``deepopt``,
+``deepopt-thorough``) and the peers a user would pick instead, each as its authors ship
+it: exact two-pass SAM (:func:`sam_step`), SWA and EMA by ``torch.optim.swa_utils``, and
+``sam-equal-time``, SAM at the wall-clock of a 1x-cost run.
+
 Speed (profiled 2026-11-22 on this box: 2 vCPU AMD EPYC with AVX-512, torch 2.13 CPU,
 oneDNN 3.12; a few hundred SGD steps on the real data; s/epoch = 782 steps x ms/step,
 evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs, so
@@ -57,15 +62,21 @@ from deepopt.bench.nets import build_net
 
 __all__ = [
     "BATCH_SIZE",
+    "EMA_DECAY",
     "EVAL_BATCH_SIZE",
     "LR",
+    "MODES",
     "MOMENTUM",
+    "SAM_RHO",
+    "SWA_START",
     "WEIGHT_DECAY",
     "append_row",
     "evaluate",
     "finished",
     "milestones",
     "run",
+    "sam_step",
+    "trained_epochs",
 ]
 
 # The protocol's fixed settings (seed6.md, "Training (classical)").
@@ -77,6 +88,43 @@ EVAL_BATCH_SIZE = 1000
 _LR_DROPS = (0.3, 0.6, 0.8)  # LR x0.1 at these fractions of the epoch budget
 
 Data = Sequence[torch.Tensor]
+
+# The peers' settings, as their authors publish them.
+SAM_RHO = 0.05  # SAM (Foret et al. 2021): rho 0.05, their CIFAR value and davda54/sam's default
+SWA_START = 0.75  # SWA averages the epoch-end weights from 75% of the budget on
+EMA_DECAY = 0.999  # torch.optim.swa_utils.get_ema_multi_avg_fn's default
+
+#: The seed6 modes (``deepopt bench seed6``): name -> what the loop does. Model, loss,
+#: optimizer, batch size, data order and LR schedule shape are the same in all of them.
+MODES: dict[str, str] = {
+    "classical": "the protocol's plain SGD loop",
+    "deepopt": "deepopt.activate(model, optimizer) with recipe 'default'",
+    "deepopt-thorough": "deepopt.activate(..., recipe='thorough') and optimizer.step(closure)",
+    "sam": f"exact two-pass SAM, rho {SAM_RHO} (sam_step below, not deepopt)",
+    "swa": "torch.optim.swa_utils SWA: AveragedModel of the epoch-end weights from "
+    f"{SWA_START:.0%} of the budget on, update_bn, the average evaluated",
+    "ema": f"torch.optim.swa_utils EMA (decay {EMA_DECAY}, weights and buffers, every step), "
+    "the average evaluated",
+    "sam-equal-time": "sam for half the epoch budget (a SAM step costs two passes), so its "
+    "wall-clock matches the 1x-cost deepopt run of the full budget",
+}
+
+# The deepopt modes: keyword arguments of deepopt.activate ("closure" is the loop's own key).
+_ACTIVATIONS: dict[str, dict] = {
+    "deepopt": {"recipe": "default"},
+    "deepopt-thorough": {"recipe": "thorough", "closure": True},
+}
+# Modes that hold the same budget at half the epochs: trained epochs = this x the budget.
+_EQUAL_TIME = {"sam-equal-time": 0.5}
+
+
+def trained_epochs(mode: str, epochs: int) -> int:
+    """Epochs ``mode`` trains on a budget of ``epochs``: the budget, or half of it
+    (rounded half up, at least 1) for an equal-wall-clock mode such as ``sam-equal-time``.
+    """
+    if mode in _EQUAL_TIME:
+        return max(1, int(_EQUAL_TIME[mode] * epochs + 0.5))
+    return epochs
 
 
 def milestones(epochs: int) -> list[int]:
@@ -124,22 +172,42 @@ def run(
     activate_kwargs: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train seed network ``net`` for ``epochs`` epochs under the seed6 protocol.
+    """Train seed network ``net`` on a budget of ``epochs`` epochs under the seed6 protocol.
 
     Model, loss, optimizer (SGD lr 1e-2, momentum 0.9, weight decay 5e-4), batch
-    size 64, per-epoch reshuffle and LR schedule (x0.1 at :func:`milestones`) are
-    the same in every mode; ``mode == "classical"`` trains plainly, any other mode
-    differs only by one ``deepopt.activate(model, optimizer, **activate_kwargs)``
-    call. The same ``seed`` gives the same initialisation (``torch.manual_seed``
-    before :func:`~deepopt.bench.nets.build_net`) and the same data order (a
-    separate ``torch.Generator``) in every mode.
+    size 64, per-epoch reshuffle and LR schedule shape (x0.1 at :func:`milestones`
+    of the epochs trained) are the same in every mode. The same ``seed`` gives the
+    same initialisation (``torch.manual_seed`` before
+    :func:`~deepopt.bench.nets.build_net`) and the same data order (a separate
+    ``torch.Generator``) in every mode.
+
+    Modes (:data:`MODES`):
+
+    - ``classical``: the plain loop.
+    - ``deepopt`` / ``deepopt-thorough``: one ``deepopt.activate`` call with recipe
+      ``default`` / ``thorough``; the thorough run steps with ``optimizer.step(closure)``.
+    - ``sam``: exact two-pass SAM, rho 0.05, by :func:`sam_step` (a reference
+      implementation, not deepopt).
+    - ``swa``: ``torch.optim.swa_utils.AveragedModel`` of the epoch-end weights from the
+      epoch at :data:`SWA_START` of the budget on; from then on the average is
+      evaluated, after ``update_bn``.
+    - ``ema``: ``AveragedModel`` with ``get_ema_multi_avg_fn(EMA_DECAY)`` over weights and
+      buffers, updated after every step; the average is evaluated.
+    - ``sam-equal-time``: ``sam`` for half the epochs (:func:`trained_epochs`), the
+      wall-clock of one 1x-cost run of the full budget. The row's ``epochs`` is the
+      number trained and ``budget_of`` the nominal budget it stands in for.
+
+    The ablation's labels: a mode outside :data:`MODES` given ``activate_kwargs`` is
+    one ``deepopt.activate(model, optimizer, **activate_kwargs)`` call, the label only
+    recorded. ``classical`` with ``activate_kwargs={"closure": True}`` is the plain
+    loop through ``optimizer.step(closure)``; for ``deepopt``/``deepopt-thorough``
+    the given kwargs replace the recipe's keys.
 
     Args:
         net: seed network, 1..6.
-        mode: ``"classical"``, or any other label for an activated run (the label is
-            only recorded; ``activate_kwargs`` says what is activated).
+        mode: a :data:`MODES` name, or an ablation label with ``activate_kwargs``.
         seed: initialisation and data-order seed.
-        epochs: epoch budget; also sets the LR drops.
+        epochs: epoch budget; sets the LR drops (of the epochs trained).
         data: ``(x_train, y_train, x_test, y_test)`` tensors, as from
             :func:`deepopt.bench.data.load_cifar10`.
         activate_kwargs: keyword arguments of ``deepopt.activate``; default none.
@@ -152,32 +220,50 @@ def run(
     the fastest on a 2-core machine).
 
     Returns:
-        The result row: ``net, mode, seed, epochs``; ``test_acc`` (percent, after
-        each epoch), ``final_test_acc``, ``max_test_acc``; ``train_loss`` (mean
-        training loss of each epoch); ``sec_per_epoch`` (mean training time per
-        epoch, evaluation excluded); ``settings`` (``activate_kwargs`` as given);
-        ``torch`` (version), ``git_commit``, ``threads``.
+        The result row: ``net, mode, seed, epochs`` (epochs trained); ``test_acc``
+        (percent, after each epoch, of the evaluated model: the average for
+        ``swa``/``ema``), ``final_test_acc``, ``max_test_acc``; ``train_loss`` (mean
+        training loss of each epoch, at the trained weights); ``sec_per_epoch`` (mean
+        training time per epoch, evaluation and ``update_bn`` excluded); ``settings``
+        (``activate_kwargs`` as given, or the mode's settings); ``torch`` (version),
+        ``git_commit``, ``threads``; and for an equal-time mode ``budget_of``.
 
     Raises:
-        ValueError: ``epochs < 1`` or ``net`` not in 1..6.
+        ValueError: ``epochs < 1``, ``net`` not in 1..6, an unknown mode without
+            ``activate_kwargs``, or ``activate_kwargs`` for a peer (sam/swa/ema) or
+            ``classical`` with keys other than ``closure``.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs={epochs!r}: pass a positive integer number of epochs")
     x_train, y_train, x_test, y_test = data
-    settings = dict(activate_kwargs or {})
-    kwargs = dict(settings)
-    use_closure = bool(kwargs.pop("closure", False))
+    n_epochs = trained_epochs(mode, epochs)
+    kind, settings = _resolve(mode, activate_kwargs, n_epochs)
+    kwargs = dict(settings) if kind == "activate" else {}
+    kwargs.pop("closure", None)
+    use_closure = kind in ("activate", "classical") and bool(settings.get("closure", False))
 
     torch.manual_seed(seed)
     model = build_net(net)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
         model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
-    if mode != "classical":
+    if kind == "activate":
         import deepopt  # only activated runs depend on the framework
 
         model, optimizer = deepopt.activate(model, optimizer, **kwargs)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(epochs), gamma=0.1)
+    # The protocol's schedule in every mode, SWA included: SWA's authors pair it with a
+    # constant or cyclic LR (SWALR), but the seed6 schedule is fixed by the protocol (the
+    # same in every mode), so SWA here averages along it, without SWALR.
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(n_epochs), gamma=0.1)
+    swa_utils = torch.optim.swa_utils
+    averaged: swa_utils.AveragedModel | None = None
+    if kind == "ema":
+        averaged = swa_utils.AveragedModel(
+            model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True
+        )
+    elif kind == "swa":
+        averaged = swa_utils.AveragedModel(model)
+    swa_start = settings.get("swa_start_epoch", 0)
     order = torch.Generator().manual_seed(seed)
 
     from tqdm.auto import tqdm
@@ -186,8 +272,8 @@ def run(
     train_loss: list[float] = []
     train_sec: list[float] = []
     n = len(x_train)
-    bar = tqdm(range(epochs), desc=f"net{net} {mode} s{seed}", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(n_epochs), desc=f"net{net} {mode} s{seed}", disable=not progress)
+    for epoch in bar:
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order)
@@ -195,26 +281,44 @@ def run(
         for i in range(0, n, BATCH_SIZE):
             idx = perm[i : i + BATCH_SIZE]
             xb, yb = x_train[idx], y_train[idx]
-            if use_closure:
+            if kind == "sam":
+                loss = sam_step(model, optimizer, xb, yb, rho=SAM_RHO)
+            elif use_closure:
                 loss = _step_with_closure(model, optimizer, xb, yb)
             else:
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
                 optimizer.step()
+            if kind == "ema":
+                averaged.update_parameters(model)  # type: ignore[union-attr]
             loss_sum += float(loss.detach()) * len(idx)
         scheduler.step()
+        evaluated: nn.Module = model
+        if kind == "swa" and epoch >= swa_start:
+            averaged.update_parameters(model)  # type: ignore[union-attr]
+            evaluated = averaged  # type: ignore[assignment]
+        elif kind == "ema":
+            evaluated = averaged  # type: ignore[assignment]
         train_sec.append(time.perf_counter() - t0)
+        if kind == "swa" and evaluated is averaged:
+            # BatchNorm statistics of the averaged weights, as SWA's recipe does before
+            # using them (a no-op for the BN-free seed nets; kept for fidelity). Not
+            # counted as training time: it is needed here only because every epoch is
+            # evaluated.
+            swa_utils.update_bn(
+                (x_train[j : j + BATCH_SIZE] for j in range(0, n, BATCH_SIZE)), averaged
+            )
         train_loss.append(loss_sum / n)
-        test_acc.append(evaluate(model, x_test, y_test))
+        test_acc.append(evaluate(evaluated, x_test, y_test))
         bar.set_postfix(acc=f"{test_acc[-1]:.2f}", loss=f"{train_loss[-1]:.3f}")
     bar.close()
 
-    return {
+    row = {
         "net": net,
         "mode": mode,
         "seed": seed,
-        "epochs": epochs,
+        "epochs": n_epochs,
         "test_acc": test_acc,
         "final_test_acc": test_acc[-1],
         "max_test_acc": max(test_acc),
@@ -225,6 +329,98 @@ def run(
         "git_commit": _git_commit(),
         "threads": torch.get_num_threads(),
     }
+    if mode in _EQUAL_TIME:
+        row["budget_of"] = epochs
+    return row
+
+
+def _resolve(mode: str, activate_kwargs: dict | None, n_epochs: int) -> tuple[str, dict]:
+    """The loop's kind (classical, activate, sam, swa, ema) and the row's ``settings``."""
+    given = None if activate_kwargs is None else dict(activate_kwargs)
+    if mode == "classical":
+        if given and set(given) - {"closure"}:
+            raise ValueError(
+                f"mode 'classical' takes no deepopt settings, got activate_kwargs={given!r}; "
+                "only {'closure': True} (the plain loop through step(closure)) is allowed"
+            )
+        return "classical", given or {}
+    if mode in _ACTIVATIONS:
+        return "activate", {**_ACTIVATIONS[mode], **(given or {})}
+    if mode in MODES:  # the peers: not deepopt, so no activate_kwargs
+        if given is not None:
+            raise ValueError(
+                f"mode {mode!r} is a peer method, not a deepopt activation: pass no "
+                f"activate_kwargs (got {given!r})"
+            )
+        if mode in ("sam", "sam-equal-time"):
+            return "sam", {"rho": SAM_RHO}
+        if mode == "swa":
+            return "swa", {
+                "swa_start_epoch": int(SWA_START * n_epochs),
+                "update_bn": True,
+                "swalr": False,
+            }
+        return "ema", {"ema_decay": EMA_DECAY, "use_buffers": True}
+    if given is None:
+        raise ValueError(
+            f"mode={mode!r} is unknown: use one of {', '.join(MODES)}, or pass "
+            "activate_kwargs to run a labelled deepopt activation"
+        )
+    return "activate", given
+
+
+def sam_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    rho: float = SAM_RHO,
+) -> torch.Tensor:
+    """One exact SAM step (Foret et al., ICLR 2021); returns the loss at the weights ``w``.
+
+    Reference implementation, written out here rather than taken from a package: SAM's
+    authors ship no PyPI package (google-research/sam is JAX research code; the PyTorch
+    port everyone uses, davda54/sam, is a file on GitHub, not on PyPI; third-party
+    optimizer collections re-implement it). It follows davda54/sam's ``first_step`` /
+    ``second_step`` and leaves deepopt out entirely:
+
+    1. loss and gradient ``g`` at ``w``;
+    2. ``e = rho * g / (||g|| + 1e-12)``, ``||g||`` the L2 norm over all parameters of
+       ``optimizer`` (the loss gradient only: weight decay stays in the optimizer);
+    3. loss and gradient at ``w + e``, BatchNorm running statistics left as they were
+       after the first pass (all buffers saved and restored: davda54/sam's advice);
+    4. ``w`` restored by copy and ``optimizer.step()`` with the gradient of step 3.
+
+    Args:
+        model: the network (in train mode).
+        optimizer: the base optimizer over (some of) ``model``'s parameters.
+        xb: input batch.
+        yb: integer labels.
+        rho: the neighbourhood radius.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    with torch.no_grad():
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            raise RuntimeError("sam_step: no parameter of the optimizer got a gradient")
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in with_grad]), p=2)
+        scale = rho / (grad_norm + 1e-12)
+        old = [p.detach().clone() for p in with_grad]
+        for p in with_grad:
+            p.add_(p.grad * scale)  # w + e
+        buffers = [b.detach().clone() for b in model.buffers()]
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(xb), yb).backward()
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)  # the second pass does not count in the BN statistics
+        for p, w in zip(with_grad, old, strict=True):
+            p.copy_(w)  # back to w, keeping the gradient taken at w + e
+    optimizer.step()
+    return loss.detach()
 
 
 def _step_with_closure(
@@ -301,8 +497,11 @@ def append_row(path: str | os.PathLike[str], row: dict) -> None:
 
 
 def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
-    """The ``(net, mode, seed, epochs)`` of every complete row in ``path``.
+    """The ``(net, mode, seed, epoch budget)`` of every complete row in ``path``.
 
+    The budget is the row's ``budget_of`` where it has one (an equal-time run such as
+    ``sam-equal-time`` trains fewer epochs than the budget it is run for), else its
+    ``epochs``; so a runner asks for ``(net, mode, seed, budget)`` in every mode.
     A missing file gives the empty set; lines that are not complete JSON rows
     (e.g. cut off by a crash) are skipped.
     """
@@ -314,7 +513,8 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
         for line in f:
             try:
                 r = json.loads(line)
-                done.add((int(r["net"]), str(r["mode"]), int(r["seed"]), int(r["epochs"])))
+                budget = int(r.get("budget_of", r["epochs"]))
+                done.add((int(r["net"]), str(r["mode"]), int(r["seed"]), budget))
             except (ValueError, KeyError, TypeError):
                 continue
     return done

@@ -1,0 +1,307 @@
+"""The seed6 modes of the training loop: deepopt, exact SAM, SWA, EMA, SAM at equal time."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepopt.bench import report
+from deepopt.bench import train as train_mod
+from deepopt.bench.runner import MECHANISMS, SEED6_MODES
+from deepopt.bench.train import (
+    EMA_DECAY,
+    MODES,
+    append_row,
+    finished,
+    run,
+    sam_step,
+    trained_epochs,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.Tensor, ...]:
+    """128 train / 64 test random 3x32x32 images with a learnable mean shift per class."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, 10, (192,), generator=g)
+    x = torch.randn(192, 3, 32, 32, generator=g) + 0.3 * (y.view(-1, 1, 1, 1) - 4.5) / 4.5
+    return x[:128], y[:128], x[128:], y[128:]
+
+
+def test_runner_modes_are_the_train_modes() -> None:
+    assert SEED6_MODES == tuple(MODES)
+    assert set(MODES) >= {"classical", "deepopt", "deepopt-thorough", "sam", "swa", "ema"}
+    assert "sam-equal-time" in MODES
+
+
+@pytest.mark.parametrize("net", [5, 6])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_runs_one_epoch_deterministically(
+    tiny: tuple[torch.Tensor, ...], mode: str, net: int
+) -> None:
+    a = run(net, mode, 0, 1, tiny, progress=False)
+    b = run(net, mode, 0, 1, tiny, progress=False)
+    assert (a["net"], a["mode"], a["seed"], a["epochs"]) == (net, mode, 0, 1)
+    assert len(a["test_acc"]) == len(a["train_loss"]) == 1
+    assert a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"]
+    assert a["settings"] == b["settings"]
+    assert ("budget_of" in a) == (mode == "sam-equal-time")
+    json.dumps(a)
+
+
+def test_modes_train_differently(tiny: tuple[torch.Tensor, ...]) -> None:
+    """SAM's steps differ from plain SGD's; the first batch's loss (at the init) does not."""
+    x, y = tiny[0][:128], tiny[1][:128]
+    data = (x, y, tiny[2], tiny[3])
+    classical = run(6, "classical", 1, 2, data, progress=False)
+    sam = run(6, "sam", 1, 2, data, progress=False)
+    assert sam["train_loss"] != classical["train_loss"]
+    assert sam["settings"] == {"rho": 0.05}
+
+
+def test_sam_step_equals_hand_computation() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    lr, wd, rho = 0.1, 5e-4, 0.05
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def loss_at(ps: list[torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(F.linear(x, ps[0], ps[1]), y)
+
+    ws = [w.clone().requires_grad_() for w in w0]
+    loss0 = loss_at(ws)
+    g = torch.autograd.grad(loss0, ws)
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    wp = [(w + rho * gi / (norm + 1e-12)).requires_grad_() for w, gi in zip(w0, g, strict=True)]
+    g2 = torch.autograd.grad(loss_at(wp), wp)
+    expected = [w - lr * (gi + wd * w) for w, gi in zip(w0, g2, strict=True)]
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    loss = sam_step(model, opt, x, y, rho=rho)
+    assert float(loss) == pytest.approx(float(loss0.detach()), abs=1e-7)  # the loss at w
+    for p, e, gi in zip(model.parameters(), expected, g2, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.grad, gi, rtol=0, atol=1e-6)  # grad taken at w + e
+    # and it is not a plain SGD step
+    plain = [w - lr * (gi + wd * w) for w, gi in zip(w0, g, strict=True)]
+    assert not torch.allclose(next(model.parameters()).detach(), plain[0], atol=1e-6)
+
+
+def test_sam_second_pass_leaves_batchnorm_buffers_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
+    )
+    x = torch.randn(16, 1, 6, 6)
+    y = torch.randint(0, 3, (16,))
+    one_pass = copy.deepcopy(model)
+    one_pass(x)  # what the first pass alone does to the running statistics
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sam_step(model, opt, x, y)
+    bn, ref = model[1], one_pass[1]
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=0)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """Record the weights after every SGD step and the weights of every evaluated model."""
+    stepped: list[list[torch.Tensor]] = []
+    evaluated: list[list[torch.Tensor]] = []
+    real_step, real_eval = torch.optim.SGD.step, train_mod.evaluate
+
+    def step(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        out = real_step(self, *args, **kwargs)
+        stepped.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+        return out
+
+    def evaluate(model: nn.Module, *args: object, **kwargs: object) -> float:
+        inner = model.module if isinstance(model, torch.optim.swa_utils.AveragedModel) else model
+        evaluated.append([p.detach().clone() for p in inner.parameters()])
+        return real_eval(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    return stepped, evaluated
+
+
+def test_ema_evaluates_the_hand_computed_average(
+    tiny: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stepped, evaluated = _spy(monkeypatch)
+    row = run(6, "ema", 0, 2, tiny, progress=False)  # 2 steps per epoch
+    assert row["settings"] == {"ema_decay": EMA_DECAY, "use_buffers": True}
+    assert len(stepped) == 4 and len(evaluated) == 2
+    ema = [w.double() for w in stepped[0]]  # the first update copies the weights
+    for k, weights in enumerate(stepped[1:], start=2):
+        ema = [EMA_DECAY * e + (1 - EMA_DECAY) * w.double() for e, w in zip(ema, weights, strict=True)]
+        if k == 2:
+            for got, want in zip(evaluated[0], ema, strict=True):
+                torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    for got, want in zip(evaluated[1], ema, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    assert not torch.allclose(evaluated[1][0], stepped[-1][0])  # not the live weights
+
+
+def test_swa_averages_the_last_quarter_and_updates_bn(
+    tiny: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y, xt, yt = tiny
+    stepped, evaluated = _spy(monkeypatch)
+    bn_calls: list[int] = []
+    real_update_bn = torch.optim.swa_utils.update_bn
+
+    def update_bn(loader: object, model: nn.Module, *args: object) -> None:
+        bn_calls.append(len(evaluated))
+        real_update_bn(loader, model, *args)
+
+    monkeypatch.setattr(torch.optim.swa_utils, "update_bn", update_bn)
+    row = run(6, "swa", 0, 8, (x[:64], y[:64], xt, yt), progress=False)  # 1 step per epoch
+    assert row["settings"] == {"swa_start_epoch": 6, "update_bn": True, "swalr": False}
+    assert len(stepped) == 8 and bn_calls == [6, 7]  # before the 7th and 8th evaluations
+    for k in range(6):  # before the start the live weights are evaluated
+        for got, live in zip(evaluated[k], stepped[k], strict=True):
+            assert torch.equal(got, live)
+    for got, a in zip(evaluated[6], stepped[6], strict=True):
+        torch.testing.assert_close(got, a)
+    for got, a, b in zip(evaluated[7], stepped[6], stepped[7], strict=True):
+        torch.testing.assert_close(got, (a + b) / 2)
+
+
+def test_sam_equal_time_trains_half_the_budget(
+    tiny: tuple[torch.Tensor, ...], tmp_path: Path
+) -> None:
+    assert [trained_epochs("sam-equal-time", e) for e in (1, 2, 3, 5, 20)] == [1, 1, 2, 3, 10]
+    assert trained_epochs("sam", 20) == trained_epochs("deepopt", 20) == 20
+    x, y, xt, yt = tiny
+    data = (x[:64], y[:64], xt, yt)
+    eq = run(6, "sam-equal-time", 2, 4, data, progress=False)
+    assert eq["epochs"] == 2 and eq["budget_of"] == 4 and len(eq["test_acc"]) == 2
+    sam = run(6, "sam", 2, 2, data, progress=False)  # the same run: SAM, 2 epochs
+    assert eq["train_loss"] == sam["train_loss"] and eq["test_acc"] == sam["test_acc"]
+    path = tmp_path / "seed6.jsonl"
+    append_row(path, eq)
+    append_row(path, sam)
+    # the runner's skip key: nominal budget, and the two modes stay apart
+    assert finished(path) == {(6, "sam-equal-time", 2, 4), (6, "sam", 2, 2)}
+
+
+def test_deepopt_modes_activate_the_recipes(
+    tiny: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict] = []
+    closures: list[bool] = []
+
+    def activate(model: nn.Module, optimizer: torch.optim.Optimizer, **kw: object) -> tuple:
+        calls.append(kw)
+        return model, optimizer
+
+    fake = types.ModuleType("deepopt")
+    fake.activate = activate  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "deepopt", fake)
+    real_step = torch.optim.SGD.step
+
+    def step(self: torch.optim.SGD, closure: object = None) -> object:
+        closures.append(closure is not None)
+        return real_step(self, closure)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    x, y, xt, yt = tiny
+    data = (x[:64], y[:64], xt, yt)
+    a = run(6, "deepopt", 0, 1, data, progress=False)
+    assert calls == [{"recipe": "default"}] and closures == [False]
+    assert a["settings"] == {"recipe": "default"}
+    b = run(6, "deepopt-thorough", 0, 1, data, progress=False)
+    assert calls[1] == {"recipe": "thorough"} and closures[1:] == [True]
+    assert b["settings"] == {"recipe": "thorough", "closure": True}
+    # the peers never touch deepopt
+    for mode in ("sam", "swa", "ema", "sam-equal-time"):
+        run(6, mode, 0, 1, data, progress=False)
+    assert len(calls) == 2
+    # ablation labels: any other name with activate_kwargs is that activation
+    c = run(6, "msam-0.03", 0, 1, data, activate_kwargs=MECHANISMS["msam-0.03"], progress=False)
+    assert calls[2] == {"rho": 0.03} and c["settings"] == {"rho": 0.03}
+    assert c["mode"] == "msam-0.03" and "budget_of" not in c
+
+
+def test_mode_errors(tiny: tuple[torch.Tensor, ...]) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        run(6, "SAM", 0, 1, tiny, progress=False)
+    for peer in ("sam", "swa", "ema", "sam-equal-time"):
+        with pytest.raises(ValueError, match="peer"):
+            run(6, peer, 0, 1, tiny, activate_kwargs={"rho": 0.1}, progress=False)
+    with pytest.raises(ValueError, match="classical"):
+        run(6, "classical", 0, 1, tiny, activate_kwargs={"recipe": "default"}, progress=False)
+
+
+def _row(net: int, mode: str, seed: int, acc: float, sec: float, epochs: int = 20) -> dict:
+    r = {"net": net, "mode": mode, "seed": seed, "epochs": epochs, "test_acc": [acc] * epochs,
+         "final_test_acc": acc, "max_test_acc": acc + 1, "train_loss": [1.0] * epochs,
+         "sec_per_epoch": sec, "settings": {}}
+    if mode == "sam-equal-time":
+        r["budget_of"] = 20
+    return r
+
+
+def test_report_pairs_equal_time_with_deepopt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = []
+    for net, shift in ((5, 0.0), (6, 2.0)):
+        for seed in (0, 1):
+            rows += [
+                _row(net, "classical", seed, 50 + shift + seed, 1.0),
+                _row(net, "deepopt", seed, 51 + shift + seed, 1.1),
+                _row(net, "sam", seed, 52 + shift + seed, 2.0),
+                _row(net, "sam-equal-time", seed, 50.5 + shift + seed, 2.2, epochs=10),
+            ]
+    text = report.seed6_table(rows)
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()}
+    eq5 = lines[("5", "sam-equal-time")].split("|")
+    assert eq5[4].strip() == "10"  # epochs trained
+    # paired over seeds 0 and 1: vs classical, vs deepopt (the same shift on both seeds)
+    assert eq5[6].strip() == "+0.50 ± 0.00" and eq5[7].strip() == "-0.50 ± 0.00"
+    assert eq5[10].strip() == "1.00x"  # 10 x 2.2 s = 20 x 1.1 s: equal wall-clock
+    assert lines[("5", "sam")].split("|")[10].strip() == "1.82x"
+    avg = lines[("all nets", "deepopt")].split("|")
+    assert avg[6].strip() == "+1.00 (mean of 2 nets)"
+    assert lines[("all nets", "sam-equal-time")].split("|")[7].strip() == "-0.50 (mean of 2 nets)"
+    assert ("all nets", "classical") not in lines
+
+    # main(): equal-time rows land in the block of their nominal budget
+    path = tmp_path / "seed6.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    out = md.read_text()
+    assert "<!-- BEGIN seed6-20ep -->" in out and "seed6-10ep" not in out
+    assert "paired diff vs deepopt" in out
+
+
+def test_report_keeps_the_ablation_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [
+        {**_row(6, m, s, 50.0 + s + (m != "classical"), 1.0),
+         "mechanism": {"name": m, "settings": MECHANISMS[m]}}
+        for m in ("classical", "default") for s in (0, 1)
+    ]
+    path = tmp_path / "ablation.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    out = md.read_text()
+    assert report.table(rows) in out and "paired diff vs deepopt" not in out

@@ -11,8 +11,15 @@ The model's parameters are shown in one of three *views*:
 * ``"eval"``: the averaged evaluation weights and their BatchNorm statistics.
 
 Leaving a view always copies the saved training weights back (never subtracts), and
-every place a user can observe the model (``step``, ``zero_grad``, ``eval`` forward,
-``state_dict``, an exception in ``forward``) first puts the right view in place.
+every place a user can observe the model (``step``, an ``eval`` forward, ``state_dict``,
+an exception in ``forward``) first puts the right view in place. Between a training
+forward and ``step`` the parameters hold ``w + e`` by design (backward needs them), so an
+exception raised in the loss or in backward, or a ``KeyboardInterrupt`` in ``forward``
+(torch runs ``always_call`` hooks only for ``Exception``), leaves ``w + e`` in the
+parameter tensors until the next of those places; ``state_dict()`` is always clean.
+
+A step the divergence guard skips also puts back the buffers (BatchNorm statistics) as
+they were before that step's first training forward: a skipped step leaves no trace.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from .mechanisms.average import WeightAverage
 from .mechanisms.calibrate import calibrate_
 from .mechanisms.guard import DivergenceGuard, all_finite
 from .mechanisms.lookahead import Lookahead
-from .mechanisms.perturb import direction, perturbation
+from .mechanisms.perturb import direction, perturbation, unit_scale
 from .recipes import Settings
 
 __all__ = ["DeepOptimizer", "STATE_VERSION"]
@@ -112,6 +119,8 @@ class DeepOptimizer(torch.optim.Optimizer):
                 model.register_forward_hook(_ModelHook(self, "_on_forward_exit"), always_call=True),
             ]
         self._forward_ok = False
+        self._buffer_snapshot: list[Tensor] = []
+        self._snapshot_taken = False  # buffers saved since the last step (guard only)
 
     # -- what torch.optim.Optimizer users and schedulers touch ---------------------------
     @property
@@ -164,6 +173,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
+        self._param_cache = ((), [])  # requires_grad may have changed since the last step
         if closure is not None and self.settings.sam_rho > 0:
             return self._two_pass_step(closure, **kwargs)
         if self.settings.sam_rho > 0 and not self._warned_no_closure:
@@ -190,6 +200,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _two_pass_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         params = self._params()
         self._show("train")
+        self._snapshot_buffers()  # the model hooks are on hold during the closures
         self._hold = True
         try:
             with torch.enable_grad():
@@ -203,16 +214,18 @@ class DeepOptimizer(torch.optim.Optimizer):
             )
             buffers = list(self.model.buffers())
             saved_buffers = [b.clone() for b in buffers]
-            self._enter(with_grad, "perturbed")
-            with torch.no_grad():
-                torch._foreach_add_(with_grad, e)
-            self.optimizer.zero_grad()
-            with torch.enable_grad():
-                closure()
-            # The second pass must not move BatchNorm running statistics.
-            with torch.no_grad():
-                for b, s in zip(buffers, saved_buffers):
-                    b.copy_(s)
+            try:
+                self._enter(with_grad, "perturbed")
+                with torch.no_grad():
+                    torch._foreach_add_(with_grad, e)
+                self.optimizer.zero_grad()
+                with torch.enable_grad():
+                    closure()
+            finally:
+                # The second pass must not move BatchNorm running statistics, even if it raised.
+                with torch.no_grad():
+                    for b, s in zip(buffers, saved_buffers):
+                        b.copy_(s)
         finally:
             self._show("train")
             self._hold = False
@@ -227,12 +240,40 @@ class DeepOptimizer(torch.optim.Optimizer):
             return True
         ok = loss is None or not isinstance(loss, Tensor) or bool(torch.isfinite(loss.detach()).all())
         ok = ok and all_finite([p.grad for p in self._params() if p.grad is not None])
+        if not ok:
+            self._restore_buffers()  # before record(), which may raise DivergenceError
         self.guard.record(ok)
         return ok
 
     @torch.no_grad()
+    def _snapshot_buffers(self) -> None:
+        """Save the buffers before a step's first training forward, so a skipped step can undo it."""
+        if self.guard is None or self._snapshot_taken:
+            return
+        buffers = list(self.model.buffers())
+        if len(self._buffer_snapshot) != len(buffers) or any(
+            s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+            for s, b in zip(self._buffer_snapshot, buffers)
+        ):
+            self._buffer_snapshot = [b.detach().clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(self._buffer_snapshot, [b.detach() for b in buffers])
+        self._snapshot_taken = True
+
+    @torch.no_grad()
+    def _restore_buffers(self) -> None:
+        # A NaN batch would otherwise leave NaN running statistics in BatchNorm (and so in
+        # every later evaluation) although its update was skipped.
+        if self._snapshot_taken:
+            buffers = list(self.model.buffers())
+            if len(buffers) == len(self._buffer_snapshot) and buffers:
+                torch._foreach_copy_(buffers, self._buffer_snapshot)
+        self._snapshot_taken = False
+
+    @torch.no_grad()
     def _after_update(self) -> None:
         self.steps += 1
+        self._snapshot_taken = False
         self._pending_train_values = None
         lr = float(self.param_groups[0]["lr"])
         if self.lookahead is not None:
@@ -302,9 +343,12 @@ class DeepOptimizer(torch.optim.Optimizer):
                 sign = d_sign
         if not params:
             return
-        e = perturbation(dirs, rho, weights=params if s.adaptive else None)
+        sign = abs(sign) if s.ascent else sign
         self._enter(params, "perturbed")
-        torch._foreach_add_(params, e, alpha=abs(sign) if s.ascent else sign)
+        if s.adaptive:
+            torch._foreach_add_(params, perturbation(dirs, rho, weights=params), alpha=sign)
+        else:  # same maths as perturbation(), without allocating e
+            torch._foreach_add_(params, dirs, alpha=sign * unit_scale(dirs, rho))
 
     # -- model hooks ---------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -316,7 +360,10 @@ class DeepOptimizer(torch.optim.Optimizer):
             return
         if self.calibrated is None and grad:
             self._calibrate(module, args, kwargs)
+        self._param_cache = ((), [])  # requires_grad may have changed since the last forward
         self._show("perturbed" if grad and self.settings.rho > 0 else "train")
+        if grad:
+            self._snapshot_buffers()
         self._forward_ok = False
 
     def _on_forward_done(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -335,6 +382,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _on_model_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
         # The loaded values are now the truth for whatever view was shown.
         self._view, self._shown = "train", []
+        self._snapshot_taken = False
         if self._pending_train_values is not None:
             with torch.no_grad():
                 torch._foreach_copy_(self._eval_targets(), self._pending_train_values)
@@ -352,6 +400,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         try:
             # A torch.compile'd module is measured through its original module, eagerly.
             target = getattr(module, "_orig_mod", module)
+            # None: the batch gave non-finite activations; decide on the next batch.
             self.calibrated = calibrate_(target, args, kwargs, self.settings.calibrate_threshold)
         finally:
             torch.set_rng_state(rng)
@@ -401,6 +450,7 @@ class DeepOptimizer(torch.optim.Optimizer):
                 "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
             )
         self._show("train")
+        self._snapshot_taken = False
         params = self._params()
         self.steps = int(deep["steps"])
         self.calibrated = deep["calibrated"] if self.settings.calibrate else False

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["perturbation", "direction"]
+__all__ = ["perturbation", "unit_scale", "direction"]
 
 
 @torch.no_grad()
@@ -65,12 +65,25 @@ def perturbation(
         scaled = torch._foreach_mul(directions, scales)
     else:
         scales, scaled = None, directions
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
-    factor = rho / (norm.item() + 1e-12)
-    out = torch._foreach_mul(scaled, factor)
+    out = torch._foreach_mul(scaled, unit_scale(scaled, rho))
     if scales is not None:
         torch._foreach_mul_(out, scales)
     return out
+
+
+@torch.no_grad()
+def unit_scale(directions: list[Tensor], rho: float) -> float:
+    """``rho / ||directions||`` (one global norm), so ``unit_scale(d, rho) * d`` has norm rho.
+
+    The hot path adds ``scale * d`` in place instead of allocating ``e``.
+
+    Example:
+        >>> import torch
+        >>> round(unit_scale([torch.tensor([3.0]), torch.tensor([4.0])], rho=1.0), 6)
+        0.2
+    """
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)))
+    return rho / (norm.item() + 1e-12)
 
 
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")

@@ -276,6 +276,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._snapshot_taken = False
         self._pending_train_values = None
         lr = float(self.param_groups[0]["lr"])
+        self._max_lr = max(self._max_lr, lr)
         if self.lookahead is not None:
             self.lookahead.after_step(self._params())
         if self.average is not None:
@@ -328,8 +329,8 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _perturb(self) -> None:
         s = self.settings
         lr = float(self.param_groups[0]["lr"])
-        self._max_lr = max(self._max_lr, lr)
-        rho = s.rho * (lr / self._max_lr if s.rho_follows_lr and self._max_lr > 0 else 1.0)
+        max_lr = max(self._max_lr, lr)  # stored by _after_update: a skipped step leaves no trace
+        rho = s.rho * (lr / max_lr if s.rho_follows_lr and max_lr > 0 else 1.0)
         if rho <= 0:
             return
         params, dirs, sign = [], [], 1.0

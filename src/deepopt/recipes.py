@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 __all__ = ["Settings", "RECIPES", "resolve"]
@@ -57,11 +59,19 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ``ValueError`` naming the field, the value and the valid range."""
+        for name in ("ascent", "rho_follows_lr", "adaptive", "calibrate", "guard"):
+            value = getattr(self, name)
+            if not _is_bool(value):
+                raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
+        for name in ("rho", "sam_rho", "lookahead_alpha", "ema_decay", "calibrate_threshold"):
+            value = getattr(self, name)
+            if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
         for name in ("rho", "sam_rho"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
-        if not isinstance(self.lookahead_k, int) or self.lookahead_k < 0:
+        if _is_bool(self.lookahead_k) or not isinstance(self.lookahead_k, numbers.Integral) or self.lookahead_k < 0:
             raise ValueError(f"lookahead_k={self.lookahead_k!r} is invalid: it must be an integer >= 0 (0 = off).")
         if not 0.0 < self.lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
@@ -73,12 +83,17 @@ class Settings:
             raise ValueError(
                 f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-3."
             )
-        if not isinstance(self.max_skips, int) or self.max_skips < 1:
+        if _is_bool(self.max_skips) or not isinstance(self.max_skips, numbers.Integral) or self.max_skips < 1:
             raise ValueError(f"max_skips={self.max_skips!r} is invalid: it must be an integer >= 1.")
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_bool(value: object) -> bool:
+    """``bool`` or a NumPy bool (which is neither a ``bool`` nor a number)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
 RECIPES: dict[str, Settings] = {

@@ -103,8 +103,13 @@ def signal_ratio(stds: list[float]) -> float:
 @torch.no_grad()
 def calibrate_(
     model: nn.Module, args: tuple, kwargs: dict, threshold: float = 1e-3, iters: int = 3
-) -> bool:
+) -> bool | None:
     """Rescale layer weights in place if the signal vanishes/explodes; return whether it did.
+
+    Returns ``None`` (weights untouched) when the first layer's output is already NaN/inf:
+    the batch itself is bad, nothing can be measured on it (dividing by a NaN std would
+    destroy the weights), so the caller decides on a later batch. A non-finite std further
+    down (an exploding signal) is calibrated; no layer is ever divided by a non-finite std.
 
     Args:
         model: the network (its mode, RNG and buffers are the caller's to protect).
@@ -114,13 +119,16 @@ def calibrate_(
         iters: LSUV passes per layer (each divides the weight by the measured std).
     """
     layers = _layers(model)
-    ratio = signal_ratio(_stds(model, layers, args, kwargs))
+    stds = _stds(model, layers, args, kwargs)
+    if stds and not math.isfinite(stds[0]):
+        return None
+    ratio = signal_ratio(stds)
     if threshold <= ratio <= 1.0 / threshold:
         return False
     for layer in layers:
         for _ in range(iters):
             std = _stds(model, [layer], args, kwargs)
-            if not std or std[0] == 0 or abs(std[0] - 1.0) < 0.02:
+            if not std or not math.isfinite(std[0]) or std[0] == 0 or abs(std[0] - 1.0) < 0.02:
                 break
             layer.weight.div_(std[0])
     return True

@@ -161,3 +161,35 @@ def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> No
     assert finished(path) == {(1, "classical", 0, 2)}
     append_row(path, {"net": 3, "mode": "classical", "seed": 0, "epochs": 2})
     assert finished(path) == {(1, "classical", 0, 2), (3, "classical", 0, 2)}
+
+
+def test_run_killed_after_an_epoch_resumes_bit_identically(tmp_path):
+    """A checkpoint after epoch 1 of 2 plus a second call gives the uninterrupted row."""
+    import deepopt.bench.train as train_mod
+
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g),
+            torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
+    kwargs = {"rho": 0.1, "average": "ema"}
+    full = train_mod.run(6, "x", 0, 2, data, activate_kwargs=kwargs, progress=False)
+    ckpt = tmp_path / "partial.pt"
+    # simulate a kill after epoch 1 of the 2-epoch budget: run with a checkpoint, stop early
+    calls = {"n": 0}
+    real_evaluate = train_mod.evaluate
+
+    def evaluate_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    train_mod.evaluate = evaluate_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.run(6, "x", 0, 2, data, activate_kwargs=kwargs, progress=False, checkpoint=ckpt)
+    finally:
+        train_mod.evaluate = real_evaluate
+    assert ckpt.exists()
+    resumed = train_mod.run(6, "x", 0, 2, data, activate_kwargs=kwargs, progress=False, checkpoint=ckpt)
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["train_loss"] == full["train_loss"]

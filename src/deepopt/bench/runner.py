@@ -135,21 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                 # trains half the epochs and records the budget as budget_of.
                 if (net, mode, seed, args.epochs) in done:
                     continue
+                # A killed run resumes from its last finished epoch (bit-identically).
+                partial = args.out.parent / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
+                common = {"progress": not args.no_progress, "checkpoint": partial}
                 if args.suite == "ablation":
                     kwargs = MECHANISMS[mode]
-                    row = run(
-                        net,
-                        mode,
-                        seed,
-                        args.epochs,
-                        data,
-                        activate_kwargs=kwargs,
-                        progress=not args.no_progress,
-                    )
+                    row = run(net, mode, seed, args.epochs, data, activate_kwargs=kwargs, **common)
                     row["mechanism"] = {"name": mode, "settings": kwargs}
                 else:  # the mode alone says what runs (train.MODES)
-                    row = run(net, mode, seed, args.epochs, data, progress=not args.no_progress)
+                    row = run(net, mode, seed, args.epochs, data, **common)
                 append_row(args.out, row)
+                partial.unlink(missing_ok=True)
                 print(
                     f"net {net} {mode:>18} seed {seed}: final {row['final_test_acc']:.2f} "
                     f"max {row['max_test_acc']:.2f} ({row['sec_per_epoch']:.1f} s/epoch)",

@@ -171,6 +171,7 @@ def run(
     *,
     activate_kwargs: dict | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Train seed network ``net`` on a budget of ``epochs`` epochs under the seed6 protocol.
 
@@ -214,6 +215,9 @@ def run(
             The extra key ``"closure": True`` (removed before the call) makes the
             loop pass a closure that recomputes the loss to ``optimizer.step``.
         progress: show a tqdm bar over epochs.
+        checkpoint: file for the state after each epoch (model, optimizer, scheduler,
+            averages, both RNGs, the per-epoch figures); if it exists the run continues
+            from it, bit-identically, so a killed run loses at most one epoch.
 
     Threads are not set here: call ``torch.set_num_threads`` first (see the speed
     note at the top of this module: one thread per run, two runs in parallel, is
@@ -271,8 +275,21 @@ def run(
     test_acc: list[float] = []
     train_loss: list[float] = []
     train_sec: list[float] = []
+    first = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
+        order.set_state(state["order"])
+        torch.set_rng_state(state["rng"])
+        test_acc, train_loss, train_sec = state["test_acc"], state["train_loss"], state["train_sec"]
+        first = len(test_acc)
     n = len(x_train)
-    bar = tqdm(range(n_epochs), desc=f"net{net} {mode} s{seed}", disable=not progress)
+    bar = tqdm(range(first, n_epochs), desc=f"net{net} {mode} s{seed}", disable=not progress,
+               initial=first, total=n_epochs)
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
@@ -312,6 +329,14 @@ def run(
         train_loss.append(loss_sum / n)
         test_acc.append(evaluate(evaluated, x_test, y_test))
         bar.set_postfix(acc=f"{test_acc[-1]:.2f}", loss=f"{train_loss[-1]:.3f}")
+        if checkpoint is not None:
+            _save_atomic(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "averaged": None if averaged is None else averaged.state_dict(),
+                "order": order.get_state(), "rng": torch.get_rng_state(),
+                "test_acc": test_acc, "train_loss": train_loss, "train_sec": train_sec,
+            })
     bar.close()
 
     row = {
@@ -421,6 +446,14 @@ def sam_step(
             p.copy_(w)  # back to w, keeping the gradient taken at w + e
     optimizer.step()
     return loss.detach()
+
+
+def _save_atomic(path: str | Path, state: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _step_with_closure(

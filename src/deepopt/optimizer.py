@@ -440,16 +440,17 @@ class DeepOptimizer(torch.optim.Optimizer):
         """Load a state saved by :meth:`state_dict` (or a plain optimizer state dict)."""
         state_dict = dict(state_dict)
         deep = state_dict.pop("deepopt", None)
-        self.optimizer.load_state_dict(state_dict)
-        if deep is None:
-            return
-        version = deep.get("version")
-        if version != STATE_VERSION:
+        # Checked before anything is loaded: a refused checkpoint leaves this optimizer as it was.
+        version = deep.get("version") if isinstance(deep, dict) else None
+        if deep is not None and version != STATE_VERSION:
             raise ValueError(
                 f"optimizer state has deepopt format version {version!r}; this deepopt reads "
                 f"version {STATE_VERSION}. Load it with the deepopt release that saved it, or "
                 "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
             )
+        self.optimizer.load_state_dict(state_dict)
+        if deep is None:
+            return
         self._show("train")
         self._snapshot_taken = False
         params = self._params()

@@ -157,6 +157,27 @@ def test_non_finite_steps_leave_no_trace(factory, opt_name, overrides, closure, 
     assert all(lr == lr and abs(lr) < INF for lr in got["lr"])
 
 
+def test_accumulated_step_with_one_bad_micro_batch_is_skipped_whole():
+    """Gradient accumulation: the buffers go back to before the step's *first* micro-batch."""
+    x, y = data("img", n=64)
+
+    def run(inject):
+        model, opt, sched = build(bn_cnn, "sgd", {"rho": 0.1})
+        for i in range(4):
+            if i == 2 and not inject:
+                continue
+            opt.zero_grad()
+            for j in range(2):
+                xb = x[(2 * i + j) * 8:(2 * i + j + 1) * 8].clone()
+                if i == 2 and j == 1:
+                    xb[0, 0, 0, 0] = NAN
+                (nn.functional.cross_entropy(model(xb), y[(2 * i + j) * 8:(2 * i + j + 1) * 8]) / 2).backward()
+            opt.step()
+        return everything(model, opt, sched)
+
+    assert_same(run(inject=True), run(inject=False))
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_nan_first_batch_does_not_poison_calibration():
     """Calibration measures the first *finite* batch; a NaN first batch would divide by NaN."""

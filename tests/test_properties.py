@@ -1,0 +1,283 @@
+"""Property-based: random combinations of optimizer, param groups, recipe, overrides, model
+family and dtype either train with finite weights or are rejected up front naming the argument.
+
+On every combination that trains:
+
+* ``enabled=False`` is bit-identical to the classical loop;
+* ``model.eval()`` shows the evaluation weights (the average, else the training weights),
+  never the perturbed ones, even right after a training forward;
+* saving both state dicts (``torch.save``/``torch.load(weights_only=True)``) and loading
+  them into a freshly built and activated model and optimizer continues bit for bit.
+
+The number of cases is fixed (``derandomize=True``) and printed at the end of the run
+(``pytest tests/test_properties.py -s``); README.md states it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import deepopt
+from conftest import LSTMNet, TransformerNet, bn_cnn, data
+
+EXAMPLES_PER_FAMILY = 100
+STEPS, SAVE_AT = 4, 2
+
+
+def plain_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+FAMILIES = {"mlp": (mlp, "vec"), "cnn": (plain_cnn, "img"), "bn_cnn": (bn_cnn, "img"),
+            "lstm": (LSTMNet, "seq"), "transformer": (TransformerNet, "seq")}
+
+OPTIMIZERS = {
+    "sgd": lambda g, lr: torch.optim.SGD(g, lr=lr),
+    "sgd_momentum": lambda g, lr: torch.optim.SGD(g, lr=lr, momentum=0.9),
+    "sgd_nesterov": lambda g, lr: torch.optim.SGD(g, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda g, lr: torch.optim.Adam(g, lr=lr * 0.1),
+    "adamw": lambda g, lr: torch.optim.AdamW(g, lr=lr * 0.1, weight_decay=1e-2),
+    "rmsprop": lambda g, lr: torch.optim.RMSprop(g, lr=lr * 0.02),
+    "rmsprop_momentum": lambda g, lr: torch.optim.RMSprop(g, lr=lr * 0.02, momentum=0.5),
+    "adagrad": lambda g, lr: torch.optim.Adagrad(g, lr=lr),
+}
+
+# Overrides a user may pass: valid values, and invalid ones that must be refused up front.
+VALID = {
+    "rho": [0.0, 0.02, 0.2],
+    "ascent": [False, True],
+    "adaptive": [False, True],
+    "rho_follows_lr": [False, True],
+    "average": [None, "ema", "phase"],
+    "ema_decay": [0.0, 0.5, 0.999],
+    "lookahead_k": [0, 1, 3],
+    "guard": [False, True],
+}
+INVALID = {
+    "rho": [-0.1, math.nan, math.inf, "0.1"],
+    "ema_decay": [1.0, -0.5, math.nan],
+    "average": ["swa", "EMA"],
+    "lookahead_k": [-1, 2.5, True],
+    "lookahead_alpha": [0.0, 1.5],
+    "guard": ["yes", 1, None],
+    "ascent": ["no"],
+    "max_skips": [0],
+    "rhoo": [0.1],  # a typo
+    "recipe": ["fast"],
+}
+
+
+class Unused(nn.Module):
+    """The user's net with an extra layer that forward never uses (its grad stays None)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    optimizer: str
+    groups: str  # "one", "two" (different lr / weight decay)
+    frozen: bool  # first parameter frozen, still in the optimizer
+    unused: bool
+    recipe: str
+    overrides: tuple
+    closure: bool
+    bf16: bool
+    invalid: str | None  # the argument that must be named in the error
+
+    def build(self, seed: int = 0, enabled: bool | None = True):
+        factory, _ = FAMILIES[self.family]
+        torch.manual_seed(seed)
+        model = factory()
+        if self.unused:
+            model = Unused(model)
+        params = list(model.parameters())
+        if self.frozen:
+            params[0].requires_grad_(False)
+        lr = 0.05
+        if self.groups == "one":
+            groups = [{"params": params}]
+        else:
+            half = len(params) // 2
+            groups = [{"params": params[:half]}, {"params": params[half:], "lr": lr * 0.3, "weight_decay": 1e-2}]
+        opt = OPTIMIZERS[self.optimizer](groups, lr)
+        if enabled is not None:
+            model, opt = deepopt.activate(model, opt, recipe=self.recipe, enabled=enabled, **dict(self.overrides))
+        return model, opt
+
+
+@st.composite
+def cases(draw, family: str) -> Case:
+    # Hypothesis draws the seed; the combination is drawn from it uniformly (Hypothesis's own
+    # choices favour the first option of every list, which would leave whole corners untested).
+    rng = random.Random(f"{family}-{draw(st.integers(0, 2**32 - 1))}")
+    overrides = {k: rng.choice(v) for k, v in VALID.items() if rng.random() < 0.5}
+    recipe = rng.choice(["default", "safe", "thorough"])
+    invalid = None
+    if rng.random() < 0.125:  # now and then: a bad argument
+        invalid = rng.choice(sorted(INVALID))
+        value = rng.choice(INVALID[invalid])
+        if invalid == "recipe":
+            recipe = value
+        else:
+            overrides[invalid] = value
+    return Case(
+        family=family,
+        optimizer=rng.choice(sorted(OPTIMIZERS)),
+        groups=rng.choice(["one", "two"]),
+        frozen=rng.random() < 0.5,
+        unused=rng.random() < 0.5,
+        recipe=recipe,
+        overrides=tuple(sorted(overrides.items())),
+        closure=rng.random() < 0.5,
+        bf16=rng.random() < 0.5,
+        invalid=invalid,
+    )
+
+
+def train(case: Case, model, opt, start: int, stop: int) -> None:
+    """The user's loop (optionally step(closure), optionally under bfloat16 autocast)."""
+    _, kind = FAMILIES[case.family]
+    x, y = data(kind, n=8 * STEPS)
+    loss_fn = nn.functional.cross_entropy
+
+    def loss_of(xb, yb):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.bf16):
+            return loss_fn(model(xb).float(), yb)
+
+    for i in range(start, stop):
+        model.train()
+        xb, yb = x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
+        if case.closure:
+            def closure(xb=xb, yb=yb):
+                opt.zero_grad()
+                loss = loss_of(xb, yb)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        else:
+            loss = loss_of(xb, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def check(case: Case) -> str:
+    if case.invalid is not None:
+        model, opt = case.build(enabled=None)
+        try:
+            deepopt.activate(model, opt, recipe=case.recipe, **dict(case.overrides))
+        except (TypeError, ValueError) as e:
+            message = str(e)
+            assert f"{case.invalid}=" in message or f"override(s) {case.invalid}" in message, message
+            # refused up front: nothing was attached
+            assert not model._forward_pre_hooks and getattr(opt, "_deepopt_wrapper", None) is None
+            return "rejected"
+        raise AssertionError(f"{case.invalid} was accepted: {case}")
+
+    # enabled=False is the classical loop, bit for bit (also for bad-but-unused settings)
+    runs = []
+    for enabled in (None, False):
+        model, opt = case.build(enabled=enabled)
+        torch.manual_seed(1)
+        train(case, model, opt, 0, STEPS)
+        runs.append(weights(model))
+    assert_equal(*runs)
+
+    # activated: finite weights; a checkpoint at SAVE_AT continues bit for bit in fresh objects
+    model, opt = case.build()
+    torch.manual_seed(1)
+    train(case, model, opt, 0, SAVE_AT)
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()})
+    train(case, model, opt, SAVE_AT, STEPS)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    fresh, fresh_opt = case.build(seed=7)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    train(case, fresh, fresh_opt, SAVE_AT, STEPS)
+    assert_equal(weights(fresh), weights(model))
+
+    # eval shows the evaluation weights, never w + e, even right after a training forward
+    _, kind = FAMILIES[case.family]
+    x, _ = data(kind, n=8)
+    train_view = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    model(x)  # perturbed now, if the recipe perturbs
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    averaged = {}
+    if opt.average is not None and opt.average.tensors is not None:
+        averaged = {id(p): a for p, a in zip(opt._params(), opt.average.tensors)}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, averaged.get(id(p), train_view[name])), name
+    model.train()
+    state = model.state_dict()
+    assert_equal({n: state[n] for n in train_view}, train_view)
+    return "trained"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_random_combinations_train_or_are_rejected(family):
+    counts: Counter = Counter()
+
+    @settings(max_examples=EXAMPLES_PER_FAMILY, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=cases(family))
+    def run(case: Case) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sam_rho without a closure warns, by design
+            outcome = check(case)
+        event(outcome)
+        counts[outcome] += 1
+        for key, value in case.overrides:
+            counts[f"{key}={value}"] += 1
+        counts[case.optimizer] += 1
+        counts["bf16"] += case.bf16
+
+    run()
+    total = counts["trained"] + counts["rejected"]
+    print(f"\nproperty cases [{family}]: {total} ({counts['trained']} trained, {counts['rejected']} rejected); "
+          f"{dict(sorted(counts.items()))}")
+    assert total >= EXAMPLES_PER_FAMILY and counts["trained"] > counts["rejected"]

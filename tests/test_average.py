@@ -69,3 +69,18 @@ def test_state_dict_in_eval_mode_holds_eval_weights_without_a_forward():
         model(torch.randn(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     model.eval()
     assert torch.equal(model.state_dict()["weight"], opt.average.tensors[0])
+
+
+def test_zero_grad_after_train_brings_back_training_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.5), average="ema")
+    for _ in range(3):
+        model(torch.randn(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
+    w = model.weight.detach().clone()
+    model.eval()
+    model(torch.randn(2, 3))
+    assert not torch.equal(model.weight, w)
+    model.train()
+    opt.zero_grad()
+    assert torch.equal(model.weight, w)

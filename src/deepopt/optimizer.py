@@ -166,8 +166,12 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        # No view change here: zero_grad() between forward and backward is a common idiom,
-        # and moving the weights then would break autograd.
+        # The perturbed view stays: zero_grad() between forward and backward is a common
+        # idiom, and moving those weights then would break autograd. A model put back in
+        # train() after evaluation gets its training weights here, before any user code
+        # of the new iteration reads them.
+        if self._view == "eval" and self.model.training and not self._hold:
+            self._show("train")
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- the step ------------------------------------------------------------------------

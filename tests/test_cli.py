@@ -50,8 +50,9 @@ def test_demo_help_explains_every_option(capsys):
         assert action.help, f"{action.option_strings} has no help"
         for opt in action.option_strings:
             assert opt in out
-    for word in ("MNIST-1D", "--net", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads"):
+    for word in ("MNIST-1D", "--net", "deep", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads"):
         assert word in out
+    assert "Default: deep." in " ".join(out.split())
 
 
 def test_console_entry_point_runs():
@@ -118,6 +119,68 @@ def test_tiny_demo_writes_table_png_and_json(capsys, tmp_path):
     diffs = [s["deepopt"]["test_acc"][-1] - s["classical"]["test_acc"][-1] for s in result["seeds"]]
     assert final["difference"]["mean"] == pytest.approx(float(np.mean(diffs)))
     assert f"{final['classical']['mean']:.2f}" in out
+
+
+def test_default_demo_is_the_deep_net_and_calibration_makes_the_difference(capsys, tmp_path):
+    # No --net: the default network, the plain deep conv net whose signal vanishes at init.
+    assert demo.DEFAULT_NET == "deep"
+    code, out, err = run(
+        capsys, "demo", "--epochs", "2", "--limit", "256", "--seeds", "1", "--out", str(tmp_path),
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "MNIST-1D, deep, 2 epochs, 1 seed" in out and "lr 0.005" in out
+    result = json.loads((tmp_path / "demo_deep.json").read_text())
+    assert result["config"]["net"] == "deep" and result["config"]["optimizer"]["lr"] == 0.005
+    record = result["seeds"][0]["deepopt"]
+    assert record["calibrated"] is True and record["skipped_steps"] == 0
+    assert record["signal_ratio"] < result["config"]["settings"]["calibrate_threshold"]
+    assert result["seeds"][0]["classical"]["train_loss"] != record["train_loss"]
+    text = " ".join(out.split())
+    assert "calibration applied in 1 of 1 run" in text
+    assert "What made the difference: start-up calibration, alone" in text
+    assert "signal vanished through depth" in text
+
+
+def test_deep_net_is_plain_and_seed_initialised():
+    torch.manual_seed(0)
+    net = demo.build_net("deep")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert len(convs) == 20 and all(c.kernel_size == (3,) and c.stride == (1,) for c in convs)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)):
+            fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)
+            bound = (6 / (fan_in + fan_out)) ** 0.5  # Xavier-uniform
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound
+            assert not m.bias.any()
+
+
+def test_deep_net_pair_differs_only_through_calibration():
+    torch.set_num_threads(1)
+    data = {k: v[:256] for k, v in demo.load_mnist1d().items()}
+    pair = demo.train_pair(data, net="deep", epochs=1, seed=1, batch_size=64)
+    off = demo.train_pair(data, net="deep", epochs=1, seed=1, batch_size=64, overrides={"calibrate": False})
+    assert pair["deepopt"]["calibrated"] is True and pair["deepopt"]["signal_ratio"] < 1e-3
+    assert pair["classical"]["train_loss"] != pair["deepopt"]["train_loss"]
+    # Without calibration the rest of the default recipe leaves the deep net's run unchanged.
+    assert off["deepopt"]["calibrated"] is False
+    assert off["deepopt"]["train_loss"] == off["classical"]["train_loss"] == pair["classical"]["train_loss"]
+
+
+def test_cause_names_the_mechanism_that_acted():
+    def result(calibrated, skipped, **settings):
+        rec = {"calibrated": calibrated, "skipped_steps": skipped, "signal_ratio": 2e-4,
+               "test_acc": [50.0], "train_loss": [1.0]}
+        return {"config": {"settings": {"calibrate_threshold": 1e-3, **settings}},
+                "seeds": [{"classical": {"test_acc": [10.0], "train_loss": [2.3]}, "deepopt": rec}]}
+
+    assert "start-up calibration, alone" in demo._cause(result(True, 0))
+    assert "2.0e-04 times the first layer's" in demo._cause(result(True, 0))
+    assert "divergence guard alone, which skipped 3 steps" in demo._cause(result(False, 3))
+    assert "rho=0.05) alone" in demo._cause(result(False, 0, rho=0.05))
+    both = demo._cause(result(True, 0, average="ema"))
+    assert "several mechanisms" in both and "start-up calibration" in both and "ema" in both
 
 
 def test_runs_share_init_and_data_order():

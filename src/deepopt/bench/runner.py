@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .data import load_cifar10
+    from .data import cache_dir, load_cifar10
     from .train import append_row, finished, run
 
     torch.set_num_threads(args.threads)
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 if (net, mode, seed, args.epochs) in done:
                     continue
                 # A killed run resumes from its last finished epoch (bit-identically).
-                partial = args.out.parent / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
+                # Kept in the cache (outside the work tree), so a later session resumes it.
+                partial = cache_dir() / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
                 common = {"progress": not args.no_progress, "checkpoint": partial}
                 if args.suite == "ablation":
                     kwargs = MECHANISMS[mode]

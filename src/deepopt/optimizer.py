@@ -106,6 +106,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._hold = False  # mechanisms paused (inside calibration / two-pass SAM)
         self._pending_train_values: list[Tensor] | None = None
         self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
+        self._buffer_cache: list[Tensor] = []
+        self._params_stale = False
         self._momentum: bool | None = None  # whether the base optimizer keeps a momentum
         self._warned_no_closure = False
         self._handles = [
@@ -216,7 +218,7 @@ class DeepOptimizer(torch.optim.Optimizer):
                 [p.grad for p in with_grad], self.settings.sam_rho,
                 weights=with_grad if self.settings.adaptive else None,
             )
-            buffers = list(self.model.buffers())
+            buffers = self._buffers()
             saved_buffers = [b.clone() for b in buffers]
             try:
                 self._enter(with_grad, "perturbed")
@@ -249,12 +251,18 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.guard.record(ok)
         return ok
 
-    @torch.no_grad()
     def _snapshot_buffers(self) -> None:
         """Save the buffers before a step's first training forward, so a skipped step can undo it."""
         if self.guard is None or self._snapshot_taken:
             return
-        buffers = list(self.model.buffers())
+        buffers = self._buffers()
+        if not buffers:
+            self._snapshot_taken = True
+            return
+        with torch.no_grad():
+            self._copy_snapshot(buffers)
+
+    def _copy_snapshot(self, buffers: list[Tensor]) -> None:
         if len(self._buffer_snapshot) != len(buffers) or any(
             s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
             for s, b in zip(self._buffer_snapshot, buffers)
@@ -269,7 +277,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         # A NaN batch would otherwise leave NaN running statistics in BatchNorm (and so in
         # every later evaluation) although its update was skipped.
         if self._snapshot_taken:
-            buffers = list(self.model.buffers())
+            buffers = self._buffers()
             if len(buffers) == len(self._buffer_snapshot) and buffers:
                 torch._foreach_copy_(buffers, self._buffer_snapshot)
         self._snapshot_taken = False
@@ -298,11 +306,19 @@ class DeepOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         key = (id(groups), *(id(g["params"]) for g in groups), *(len(g["params"]) for g in groups))
         if key != self._param_cache[0]:
+            self._buffer_cache = list(self.model.buffers())
+        if key != self._param_cache[0] or self._params_stale:
             self._param_cache = (key, [p for g in groups for p in g["params"] if p.requires_grad])
+            self._params_stale = False
         return self._param_cache[1]
 
+    def _buffers(self) -> list[Tensor]:
+        """The model's buffers, listed when the parameter list is (walking modules is slow)."""
+        self._params()
+        return self._buffer_cache
+
     def _eval_targets(self) -> list[Tensor]:
-        return self._params() + list(self.model.buffers())
+        return self._params() + self._buffers()
 
     @torch.no_grad()
     def _enter(self, tensors: list[Tensor], view: str) -> None:
@@ -315,10 +331,13 @@ class DeepOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_(self._backup, [t.detach() for t in tensors])
         self._shown, self._view = tensors, view
 
-    @torch.no_grad()
     def _show(self, view: str) -> None:
-        if view == self._view:
+        if view == self._view:  # the common case, kept cheap: no grad-mode switch
             return
+        with torch.no_grad():
+            self._switch(view)
+
+    def _switch(self, view: str) -> None:
         if self._view != "train":
             torch._foreach_copy_(self._shown, self._backup)
             self._view, self._shown = "train", []
@@ -365,7 +384,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             return
         if self.calibrated is None and grad:
             self._calibrate(module, args, kwargs)
-        self._param_cache = ((), [])  # requires_grad may have changed since the last forward
+        self._params_stale = True  # requires_grad may have changed since the last forward
         self._show("perturbed" if grad and self.settings.rho > 0 else "train")
         if grad:
             self._snapshot_buffers()

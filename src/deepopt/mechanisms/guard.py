@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -38,7 +40,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
         return True
     # A sum of norms is non-finite iff some element is; one reduction per tensor.
     norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
-    return bool(torch.isfinite(torch.stack(norms).sum()).item())
+    return math.isfinite(torch.stack(norms).sum().item())
 
 
 class DivergenceGuard:

@@ -26,8 +26,8 @@ class Settings:
             0 turns it off.
         ascent: perturb along ``+m`` (uphill, SAM's sign with the momentum standing in
             for the gradient) instead of ``-m`` (along the update, Momentum-SAM's sign).
-        rho_follows_lr: scale ``rho`` by ``lr / initial lr`` so the perturbation
-            shrinks with the learning rate schedule.
+        rho_follows_lr: scale ``rho`` by ``lr / (largest lr so far)`` so the
+            perturbation shrinks with the learning-rate schedule.
         adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
         sam_rho: radius of exact two-pass SAM, used when ``step(closure)`` is given;
             0 turns it off.

@@ -2,6 +2,8 @@
 
 * ``deepopt demo``: train one network twice on MNIST-1D, classical and with deepopt,
   and compare them (:mod:`deepopt.demo`).
+* ``deepopt run -- python train.py ARGS``: the user's unmodified script with deepopt
+  activated on every optimizer it builds (:mod:`deepopt.launcher`).
 * ``deepopt bench ...`` / ``deepopt report ...``: the benchmark runner and its report,
   handed the rest of the command line unchanged (:mod:`deepopt.bench.runner`,
   :mod:`deepopt.bench.report`).
@@ -53,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
         "test-accuracy curves and a JSON file of the per-epoch numbers into --out.",
     )
     add_arguments(demo)
+    run = sub.add_parser(
+        "run",
+        help="run your unmodified training script with deepopt activated on every optimizer it builds",
+        description="Run 'python SCRIPT ARGS' (or 'python -m MODULE ARGS') with this interpreter, "
+        "deepopt activated on every optimizer the script builds, at the first forward of the model "
+        "holding its parameters. One line per activation goes to stderr. The exit status is the "
+        "script's. Example: deepopt run --recipe safe -- python train.py --epochs 3",
+    )
+    run.add_argument("--recipe", default="default", help="recipe name (default: default)")
+    run.add_argument("--off", action="store_true", help="run the script classically (the A/B twin run)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe setting, e.g. --set rho=0.05 (repeatable)")
+    run.add_argument("script_command", nargs=argparse.REMAINDER, metavar="-- python SCRIPT ARGS",
+                     help="the command that runs your script")
     for name, (module, text) in PASSTHROUGH.items():
         p = sub.add_parser(name, help=text, add_help=False, description=f"{text}; handled by {module}.")
         p.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments passed to {module}")
@@ -76,6 +92,57 @@ def _dispatch(name: str, argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+BOOTSTRAP = (
+    "import os, runpy, sys\n"
+    "import deepopt.launcher as L\n"
+    "L.install_from_env()\n"
+    "mode, target = sys.argv[1], sys.argv[2]\n"
+    "sys.argv = sys.argv[2:]\n"
+    "if mode == '-m':\n"
+    "    sys.path[0] = os.getcwd()\n"
+    "    runpy.run_module(target, run_name='__main__', alter_sys=True)\n"
+    "else:\n"
+    "    sys.path[0] = os.path.dirname(os.path.abspath(target))\n"
+    "    runpy.run_path(target, run_name='__main__')\n"
+)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import subprocess
+
+    from deepopt.demo import parse_overrides
+    from deepopt.launcher import ENV
+    from deepopt.recipes import resolve
+
+    command = list(args.script_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if command and os.path.basename(command[0]).startswith("python") and not command[0].endswith(".py"):
+        command = command[1:]  # always this interpreter: the one deepopt is installed in
+    usage = "usage: deepopt run [--recipe NAME] [--off] [--set KEY=VALUE ...] -- python SCRIPT [ARGS...]"
+    if command[:1] == ["-m"]:
+        if len(command) < 2:
+            print(usage, file=sys.stderr)
+            return 2
+        mode, rest = "-m", command[1:]
+    elif command and not command[0].startswith("-"):
+        mode, rest = "path", command
+    else:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        overrides = parse_overrides(args.overrides)
+        resolve(args.recipe, overrides)
+    except (ValueError, TypeError) as e:
+        print(f"deepopt run: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env[ENV] = json.dumps({"recipe": args.recipe, "enabled": not args.off, "overrides": overrides})
+    return subprocess.call([sys.executable, "-c", BOOTSTRAP, mode, *rest], env=env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepopt`` console script; returns the exit status.
 
@@ -91,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepopt.demo import run_from_args
 
         return run_from_args(args)
+    if args.command == "run":
+        return _run(args)
     parser.print_help()
     return 2
 

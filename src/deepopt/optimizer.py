@@ -110,6 +110,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._params_stale = False
         self._momentum: bool | None = None  # whether the base optimizer keeps a momentum
         self._warned_no_closure = False
+        self._base_stepping = False  # inside this wrapper's own call of the base step
         self._handles = [
             model.register_forward_pre_hook(_ModelHook(self, "_on_forward"), with_kwargs=True),
             model.register_state_dict_pre_hook(_ModelHook(self, "_on_state_dict")),
@@ -179,7 +180,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
-        self._param_cache = ((), [])  # requires_grad may have changed since the last step
+        self._params_stale = True  # requires_grad may have changed since the last step
         if closure is not None and self.settings.sam_rho > 0:
             return self._two_pass_step(closure, **kwargs)
         if self.settings.sam_rho > 0 and not self._warned_no_closure:
@@ -199,9 +200,26 @@ class DeepOptimizer(torch.optim.Optimizer):
             self._show("train")
         if not self._finite(loss):
             return loss
-        self.optimizer.step(**kwargs)
+        self._base_step(kwargs)
         self._after_update()
         return loss
+
+    def _base_step(self, kwargs: dict) -> None:
+        self._base_stepping = True
+        try:
+            self.optimizer.step(**kwargs)
+        finally:
+            self._base_stepping = False
+
+    def _before_update(self, loss: Any = None) -> bool:
+        """The pre-update part of :meth:`step` (no closure): training weights shown, guard check.
+
+        Used when the base optimizer's own ``step`` is called (``deepopt run``); ``False``
+        means the guard skips this update.
+        """
+        self._params_stale = True
+        self._show("train")
+        return self._finite(loss)
 
     def _two_pass_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         params = self._params()
@@ -237,7 +255,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             self._hold = False
         if not self._finite(None):
             return loss
-        self.optimizer.step(**kwargs)
+        self._base_step(kwargs)
         self._after_update()
         return loss
 
@@ -444,8 +462,12 @@ class DeepOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:  # type: ignore[override]
         """The base optimizer's state dict plus a ``"deepopt"`` entry with deepopt's state."""
         state = self.optimizer.state_dict()
+        state["deepopt"] = self._deepopt_state()
+        return state
+
+    def _deepopt_state(self) -> dict:
         params = self._params()
-        state["deepopt"] = {
+        return {
             "version": STATE_VERSION,
             "steps": self.steps,
             "calibrated": self.calibrated,
@@ -457,23 +479,18 @@ class DeepOptimizer(torch.optim.Optimizer):
             # model.state_dict() may hold the evaluation weights; resuming needs these.
             "train_values": self._train_values() if self.average is not None else None,
         }
-        return state
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Load a state saved by :meth:`state_dict` (or a plain optimizer state dict)."""
         state_dict = dict(state_dict)
         deep = state_dict.pop("deepopt", None)
         # Checked before anything is loaded: a refused checkpoint leaves this optimizer as it was.
-        version = deep.get("version") if isinstance(deep, dict) else None
-        if deep is not None and version != STATE_VERSION:
-            raise ValueError(
-                f"optimizer state has deepopt format version {version!r}; this deepopt reads "
-                f"version {STATE_VERSION}. Load it with the deepopt release that saved it, or "
-                "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
-            )
+        check_state_version(deep)
         self.optimizer.load_state_dict(state_dict)
-        if deep is None:
-            return
+        if deep is not None:
+            self._load_deepopt_state(deep)
+
+    def _load_deepopt_state(self, deep: dict) -> None:
         self._show("train")
         self._snapshot_taken = False
         params = self._params()
@@ -504,3 +521,14 @@ class DeepOptimizer(torch.optim.Optimizer):
         if getattr(self.optimizer, "_deepopt_wrapper", None) is self:
             del self.optimizer._deepopt_wrapper
         return self.optimizer
+
+
+def check_state_version(deep: Any) -> None:
+    """Refuse a ``"deepopt"`` state entry written in another format version."""
+    version = deep.get("version") if isinstance(deep, dict) else None
+    if deep is not None and version != STATE_VERSION:
+        raise ValueError(
+            f"optimizer state has deepopt format version {version!r}; this deepopt reads "
+            f"version {STATE_VERSION}. Load it with the deepopt release that saved it, or "
+            "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
+        )

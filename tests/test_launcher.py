@@ -1,0 +1,92 @@
+"""``deepopt run``: the user's unmodified script, deepopt activated on its optimizer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+if "--explicit" in sys.argv:
+    import deepopt
+    model, opt = deepopt.activate(model, opt)
+x, y = torch.randn(64, 8), torch.randn(64, 2)
+for i in range(6):
+    xb = x.clone()
+    if "--nan" in sys.argv and i == 3:
+        xb[0, 0] = float("nan")
+    loss = torch.nn.functional.mse_loss(model(xb), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, sys.argv[1])
+print("checksum", repr(sum(float(p.detach().double().sum()) for p in model.parameters())))
+'''
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run(*argv: str, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def deepopt_run(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "deepopt.cli", "run", *argv, cwd=cwd)
+
+
+def checksum(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("checksum", 1)[1].strip()
+
+
+def test_off_is_classical_and_default_equals_explicit_activate(script, tmp_path):
+    plain = run(sys.executable, str(script), "a.pt", cwd=tmp_path)
+    off = deepopt_run("--off", "--", "python", str(script), "b.pt", cwd=tmp_path)
+    assert checksum(off) == checksum(plain)
+    assert "deepopt: off (A/B twin run)" in off.stderr
+    assert "deepopt" not in torch.load(tmp_path / "b.pt")["opt"]
+    zero = deepopt_run("--", "python", str(script), "c.pt", cwd=tmp_path)
+    explicit = run(sys.executable, str(script), "d.pt", "--explicit", cwd=tmp_path)
+    assert checksum(zero) == checksum(explicit)
+    assert "deepopt: activated SGD on Sequential (4 tensors, 178 parameters), recipe=default" in zero.stderr
+    ckpt = torch.load(tmp_path / "c.pt")["opt"]
+    assert ckpt["deepopt"]["steps"] == 6
+    assert ckpt["deepopt"] == {**torch.load(tmp_path / "d.pt")["opt"]["deepopt"]}
+
+
+def test_override_changes_the_run_and_script_without_python(script, tmp_path):
+    plain = run(sys.executable, str(script), "a.pt", cwd=tmp_path)
+    rho = deepopt_run("--set", "rho=0.1", "--", str(script), "e.pt", cwd=tmp_path)
+    assert "recipe=default rho=0.1" in rho.stderr
+    assert checksum(rho) != checksum(plain)
+
+
+def test_nan_step_is_skipped_like_explicit(script, tmp_path):
+    zero = deepopt_run("--", "python", str(script), "f.pt", "--nan", cwd=tmp_path)
+    explicit = run(sys.executable, str(script), "g.pt", "--nan", "--explicit", cwd=tmp_path)
+    plain = run(sys.executable, str(script), "h.pt", "--nan", cwd=tmp_path)
+    assert checksum(zero) == checksum(explicit) != "nan"
+    assert checksum(plain) == "nan"
+    assert torch.load(tmp_path / "f.pt")["opt"]["deepopt"]["guard"]["skipped"] == 1
+
+
+def test_bad_override_and_exit_status(script, tmp_path):
+    bad = deepopt_run("--set", "nosuch=1", "--", str(script), "x.pt", cwd=tmp_path)
+    assert bad.returncode == 2 and "nosuch" in bad.stderr
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys; sys.exit(3)\n")
+    assert deepopt_run("--", "python", str(failing), cwd=tmp_path).returncode == 3

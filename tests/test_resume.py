@@ -33,6 +33,8 @@ RECIPES = {
     "rho": ({"rho": 0.1, "rho_follows_lr": True}, False, False),
     "average": ({"average": "ema", "rho": 0.05}, False, True),
     "lookahead": ({"lookahead_k": 3, "average": "phase"}, False, False),
+    "noise": ({"noise": 0.1}, False, False),
+    "looksam": ({"recipe": "thorough", "sam_every": 3}, True, True),
 }
 
 

@@ -147,13 +147,13 @@ def _check_not_sharded(model: nn.Module, settings: Settings) -> None:
     if kind is None:
         return
     mechanisms = {
-        "perturbation (rho, sam_rho)": "its norm would be each rank's shard's norm",
+        "perturbation (rho, sam_rho, noise)": "its norm would be each rank's shard's norm",
         "start-up calibration (calibrate)": "it rescales whole layer weights",
         "weight averaging (average)": "the evaluation view swaps whole tensors",
         "divergence guard (guard)": "each rank would decide from its own shard",
     }
     enabled = [name for name, on in zip(mechanisms, (
-        settings.rho > 0 or settings.sam_rho > 0, settings.calibrate,
+        settings.rho > 0 or settings.sam_rho > 0 or settings.noise > 0, settings.calibrate,
         settings.average is not None, settings.guard)) if on]
     raise ValueError(
         f"deepopt does not support sharded models; this model uses {kind}. Under sharding "

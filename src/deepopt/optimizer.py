@@ -35,6 +35,8 @@ from .mechanisms.average import WeightAverage
 from .mechanisms.calibrate import calibrate_
 from .mechanisms.guard import DivergenceGuard, all_finite
 from .mechanisms.lookahead import Lookahead
+from .mechanisms.looksam import LookSAM, orthogonal_part, reuse_
+from .mechanisms.noise import WeightNoise
 from .mechanisms.perturb import direction, perturbation, unit_scale
 from .recipes import Settings
 
@@ -98,6 +100,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.average = WeightAverage(settings.average, settings.ema_decay) if settings.average else None
         self.guard = DivergenceGuard(settings.max_skips) if settings.guard else None
         self.lookahead = Lookahead(settings.lookahead_k, settings.lookahead_alpha) if settings.lookahead_k else None
+        # Seeded from the user's seed without drawing from (and so moving) the global RNG.
+        self.noise = WeightNoise(settings.noise, torch.initial_seed()) if settings.noise else None
+        self.looksam = LookSAM(settings.sam_every, settings.sam_reuse) if settings.sam_every > 1 else None
         self._max_lr = 0.0
         self._last_grads: dict[Tensor, Tensor] = {}
         self._view = "train"
@@ -116,7 +121,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             model.register_state_dict_pre_hook(_ModelHook(self, "_on_state_dict")),
             model.register_load_state_dict_post_hook(_ModelHook(self, "_on_model_loaded")),
         ]
-        if settings.rho > 0:  # only a perturbing forward needs undoing when it raises
+        if self._perturbs:  # only a perturbing forward needs undoing when it raises
             self._handles += [
                 model.register_forward_hook(_ModelHook(self, "_on_forward_done")),
                 model.register_forward_hook(_ModelHook(self, "_on_forward_exit"), always_call=True),
@@ -124,6 +129,11 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._forward_ok = False
         self._buffer_snapshot: list[Tensor] = []
         self._snapshot_taken = False  # buffers saved since the last step (guard only)
+
+    @property
+    def _perturbs(self) -> bool:
+        """Whether a training forward runs at perturbed weights."""
+        return self.settings.rho > 0 or self.settings.noise > 0
 
     # -- what torch.optim.Optimizer users and schedulers touch ---------------------------
     @property
@@ -232,24 +242,11 @@ class DeepOptimizer(torch.optim.Optimizer):
             if not self._finite(loss):
                 return loss
             with_grad = [p for p in params if p.grad is not None]
-            e = perturbation(
-                [p.grad for p in with_grad], self.settings.sam_rho,
-                weights=with_grad if self.settings.adaptive else None,
-            )
-            buffers = self._buffers()
-            saved_buffers = [b.clone() for b in buffers]
-            try:
-                self._enter(with_grad, "perturbed")
-                with torch.no_grad():
-                    torch._foreach_add_(with_grad, e)
-                self.optimizer.zero_grad()
-                with torch.enable_grad():
-                    closure()
-            finally:
-                # The second pass must not move BatchNorm running statistics, even if it raised.
-                with torch.no_grad():
-                    for b, s in zip(buffers, saved_buffers):
-                        b.copy_(s)
+            look, ortho = self.looksam, None
+            if look is not None and not look.exact_now() and len(look.ortho) == len(with_grad):
+                reuse_([p.grad for p in with_grad], look.ortho, look.alpha)  # one pass only
+            else:
+                ortho = self._sam_second_pass(closure, with_grad)
         finally:
             self._show("train")
             self._hold = False
@@ -257,7 +254,37 @@ class DeepOptimizer(torch.optim.Optimizer):
             return loss
         self._base_step(kwargs)
         self._after_update()
+        if look is not None:
+            look.ortho = look.ortho if ortho is None else ortho  # kept only from a finite step
+            look.advance()
         return loss
+
+    def _sam_second_pass(self, closure: Callable[[], Any], with_grad: list[Tensor]) -> list[Tensor] | None:
+        """Leave in ``.grad`` the gradient at ``w + e``, ``e`` along the gradient at ``w``.
+
+        Returns LookSAM's ``g_v`` when LookSAM is on (else ``None``).
+        """
+        grads = [p.grad for p in with_grad]
+        e = perturbation(grads, self.settings.sam_rho, weights=with_grad if self.settings.adaptive else None)
+        clean = [g.clone() for g in grads] if self.looksam is not None else None
+        buffers = self._buffers()
+        saved_buffers = [b.clone() for b in buffers]
+        try:
+            self._enter(with_grad, "perturbed")
+            with torch.no_grad():
+                torch._foreach_add_(with_grad, e)
+            self.optimizer.zero_grad()
+            with torch.enable_grad():
+                closure()
+        finally:
+            # The second pass must not move BatchNorm running statistics, even if it raised.
+            with torch.no_grad():
+                for b, s in zip(buffers, saved_buffers):
+                    b.copy_(s)
+        if clean is None:
+            return None
+        sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
+        return orthogonal_part(sam_grads, clean)
 
     def _finite(self, loss: Any) -> bool:
         if self.guard is None:
@@ -372,10 +399,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         lr = float(self.param_groups[0]["lr"])
         max_lr = max(self._max_lr, lr)  # stored by _after_update: a skipped step leaves no trace
         rho = s.rho * (lr / max_lr if s.rho_follows_lr and max_lr > 0 else 1.0)
-        if rho <= 0:
-            return
         params, dirs, sign = [], [], 1.0
-        for p in self._params():
+        for p in self._params() if rho > 0 else []:
             d, d_sign = direction(self.optimizer.state.get(p, {}))
             if d is None:
                 d, d_sign = self._last_grads.get(p), 1.0
@@ -383,14 +408,20 @@ class DeepOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 dirs.append(d)
                 sign = d_sign
-        if not params:
+        noisy = self._params() if self.noise is not None else []
+        if not params and not noisy:
             return
-        sign = abs(sign) if s.ascent else sign
-        self._enter(params, "perturbed")
-        if s.adaptive:
-            torch._foreach_add_(params, perturbation(dirs, rho, weights=params), alpha=sign)
-        else:  # same maths as perturbation(), without allocating e
-            torch._foreach_add_(params, dirs, alpha=sign * unit_scale(dirs, rho))
+        # Noise is scaled by the clean weights: drawn before the momentum moves them.
+        noise = self.noise.sample(noisy) if self.noise is not None else []
+        self._enter(noisy or params, "perturbed")  # noisy, when set, holds every param
+        if params:
+            sign = abs(sign) if s.ascent else sign
+            if s.adaptive:
+                torch._foreach_add_(params, perturbation(dirs, rho, weights=params), alpha=sign)
+            else:  # same maths as perturbation(), without allocating e
+                torch._foreach_add_(params, dirs, alpha=sign * unit_scale(dirs, rho))
+        if noisy:
+            torch._foreach_add_(noisy, noise)
 
     # -- model hooks ---------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -403,7 +434,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         if self.calibrated is None and grad:
             self._calibrate(module, args, kwargs)
         self._params_stale = True  # requires_grad may have changed since the last forward
-        self._show("perturbed" if grad and self.settings.rho > 0 else "train")
+        self._show("perturbed" if grad and self._perturbs else "train")
         if grad:
             self._snapshot_buffers()
         self._forward_ok = False
@@ -475,6 +506,8 @@ class DeepOptimizer(torch.optim.Optimizer):
             "average": None if self.average is None else self.average.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "lookahead": None if self.lookahead is None else self.lookahead.state_dict(),
+            "noise": None if self.noise is None else self.noise.state_dict(),
+            "looksam": None if self.looksam is None else self.looksam.state_dict(),
             "last_grads": [self._last_grads.get(p) for p in params] if self._last_grads else None,
             # model.state_dict() may hold the evaluation weights; resuming needs these.
             "train_values": self._train_values() if self.average is not None else None,
@@ -503,6 +536,10 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.guard.load_state_dict(deep["guard"])
         if self.lookahead is not None and deep.get("lookahead") is not None:
             self.lookahead.load_state_dict(deep["lookahead"])
+        if self.noise is not None and deep.get("noise") is not None:
+            self.noise.load_state_dict(deep["noise"])
+        if self.looksam is not None and deep.get("looksam") is not None:
+            self.looksam.load_state_dict(deep["looksam"])
         grads = deep["last_grads"] or []
         self._last_grads = {p: g.clone() for p, g in zip(params, grads) if g is not None}
         values = deep["train_values"]

@@ -29,8 +29,14 @@ class Settings:
         rho_follows_lr: scale ``rho`` by ``lr / (largest lr so far)`` so the
             perturbation shrinks with the learning-rate schedule.
         adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
+        noise: random weight perturbation: each training forward runs at ``w + e``,
+            ``e`` Gaussian with std ``noise`` times each output unit's weight RMS; 0 is off.
         sam_rho: radius of exact two-pass SAM, used when ``step(closure)`` is given;
             0 turns it off.
+        sam_every: run the two SAM passes every ``k``-th step only; the steps between
+            take one pass and reuse SAM's last sharpness direction (LookSAM).
+        sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain
+            gradient between the SAM steps).
         lookahead_k: Lookahead slow/fast weights, sync every ``k`` steps; 0 turns it off.
         lookahead_alpha: Lookahead's step of the slow weights towards the fast, in (0, 1].
         average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
@@ -47,7 +53,10 @@ class Settings:
     ascent: bool = False
     rho_follows_lr: bool = False
     adaptive: bool = False
+    noise: float = 0.0
     sam_rho: float = 0.0
+    sam_every: int = 1
+    sam_reuse: float = 0.7
     lookahead_k: int = 0
     lookahead_alpha: float = 0.5
     average: str | None = None
@@ -63,14 +72,16 @@ class Settings:
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
-        for name in ("rho", "sam_rho", "lookahead_alpha", "ema_decay", "calibrate_threshold"):
+        for name in ("rho", "noise", "sam_rho", "sam_reuse", "lookahead_alpha", "ema_decay", "calibrate_threshold"):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
-        for name in ("rho", "sam_rho"):
+        for name in ("rho", "noise", "sam_rho", "sam_reuse"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
+        if _is_bool(self.sam_every) or not isinstance(self.sam_every, numbers.Integral) or self.sam_every < 1:
+            raise ValueError(f"sam_every={self.sam_every!r} is invalid: it must be an integer >= 1 (1 = every step).")
         if _is_bool(self.lookahead_k) or not isinstance(self.lookahead_k, numbers.Integral) or self.lookahead_k < 0:
             raise ValueError(f"lookahead_k={self.lookahead_k!r} is invalid: it must be an integer >= 0 (0 = off).")
         if not 0.0 < self.lookahead_alpha <= 1.0:

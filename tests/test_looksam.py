@@ -1,0 +1,86 @@
+"""LookSAM: SAM's two passes every k-th step, the orthogonal part reused between."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deepopt
+from deepopt.mechanisms.looksam import orthogonal_part, reuse_
+
+
+def _flat(ts):
+    return torch.cat([t.flatten() for t in ts])
+
+
+def test_orthogonal_part_is_orthogonal_and_completes_the_sam_gradient():
+    torch.manual_seed(0)
+    g = [torch.randn(3, 2), torch.randn(4)]
+    gs = [torch.randn(3, 2), torch.randn(4)]
+    v = orthogonal_part(gs, g)
+    assert abs(float(_flat(v) @ _flat(g))) < 1e-5
+    proj = _flat(gs) - _flat(v)  # what was removed lies along g
+    cos = proj @ _flat(g) / (proj.norm() * _flat(g).norm())
+    assert abs(abs(float(cos)) - 1.0) < 1e-5
+
+
+def test_reuse_adds_alpha_times_grad_norm_along_unit_orthogonal():
+    g, v = [torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 0.5])]
+    reuse_(g, v, alpha=0.2)
+    torch.testing.assert_close(g[0], torch.tensor([3.0, 4.0 + 0.2 * 5.0]))
+    z = [torch.tensor([1.0])]
+    reuse_(z, [torch.zeros(1)], alpha=1.0)
+    assert torch.equal(z[0], torch.tensor([1.0]))
+
+
+def _train(settings: dict, steps: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  recipe="thorough", guard=False, **settings)
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    grads = []
+    for _ in range(steps):
+        opt.step(closure)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return model, opt, grads, len(calls), (x, y)
+
+
+def test_sam_every_k_costs_one_plus_one_over_k_passes():
+    assert _train({}, 6)[3] == 12
+    assert _train({"sam_every": 3}, 6)[3] == 6 + 2
+
+
+def test_first_step_is_exact_sam_and_between_steps_reuse_the_orthogonal_part():
+    _, _, exact, _, _ = _train({}, 1)
+    _, _, grads, _, (x, y) = _train({"sam_every": 3, "sam_reuse": 0.5}, 2)
+    for a, b in zip(grads[0], exact[0]):
+        torch.testing.assert_close(a, b)
+    # step 2 by hand: the plain gradient at the weights after step 1, plus
+    # 0.5 ||g|| g_v / ||g_v|| with g_v stored by step 1
+    model, opt, _, _, _ = _train({"sam_every": 3, "sam_reuse": 0.5}, 1)
+    ortho = opt.looksam.ortho
+    assert abs(float(_flat(ortho) @ _flat(exact[0]))) > 1e-6  # not parallel to g_s
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    scale = 0.5 * _flat(g).norm() / _flat(ortho).norm()
+    for a, gi, vi in zip(grads[1], g, ortho):
+        torch.testing.assert_close(a, gi + scale * vi)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_sam_every_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="sam_every"):
+        model = nn.Linear(1, 1)
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), sam_every=bad)

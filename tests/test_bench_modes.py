@@ -305,3 +305,32 @@ def test_report_keeps_the_ablation_table(tmp_path: Path, monkeypatch: pytest.Mon
     assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
     out = md.read_text()
     assert report.table(rows) in out and "paired diff vs deepopt" not in out
+
+
+def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_path, monkeypatch) -> None:
+    import deepopt.bench.data as data_mod
+    import deepopt.bench.train as train_mod
+    from deepopt.bench import runner
+
+    n = 6000
+    fake = (torch.zeros(n, 1), torch.arange(n), torch.ones(10, 1), torch.full((10,), -1))
+    monkeypatch.setattr(data_mod, "load_cifar10", lambda path: fake)
+    seen = []
+
+    def fake_run(net, mode, seed, epochs, data, **kwargs):
+        seen.append(data)
+        return {"net": net, "mode": mode, "seed": seed, "epochs": epochs, "final_test_acc": 1.0,
+                "max_test_acc": 1.0, "sec_per_epoch": 0.1}
+
+    monkeypatch.setattr(train_mod, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    argv = ["ablation", "--data", "x", "--nets", "6", "--mechanisms", "classical", "--seeds", "0",
+            "--validation", "--no-progress", "--threads", "1"]
+    assert runner.main(argv) == 0
+    x_train, y_train, x_eval, y_eval = seen[0]
+    assert len(y_train) == n - 5000 and len(y_eval) == 5000
+    assert (y_eval >= 0).all()  # evaluated on training images, never the test set
+    assert not set(y_train.tolist()) & set(y_eval.tolist())
+    rows = [json.loads(line) for line in (tmp_path / "benchmarks/results/ablation-val.jsonl").open()]
+    assert rows[0]["evaluated_on"].startswith("validation")
+    assert runner.main(argv) == 0 and len(seen) == 1  # finished: skipped on restart

@@ -117,6 +117,28 @@ def load_cifar10(
     )
 
 
+def validation_split(data: Tensors, size: int = 5000) -> Tensors:
+    """Hold ``size`` training images out as the evaluation set; the test set is dropped.
+
+    Hyperparameters (a radius, a noise scale) are chosen on this split, never on the test
+    set. The held-out images are a fixed random subset (generator seed 0), the same for
+    every run, so that class-sorted sources do not give a one-class split.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(10, 1), torch.arange(10)
+        >>> xt, yt, xv, yv = validation_split((x, y, x[:0], y[:0]), size=3)
+        >>> len(yt), len(yv), sorted(torch.cat([yt, yv]).tolist()) == list(range(10))
+        (7, 3, True)
+    """
+    x_train, y_train = data[0], data[1]
+    if not 0 < size < len(y_train):
+        raise ValueError(f"size={size} is invalid: it must lie in (0, {len(y_train)}).")
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(0))
+    keep, held = order[:-size].sort().values, order[-size:].sort().values
+    return x_train[keep], y_train[keep], x_train[held], y_train[held]
+
+
 def standardize(images: np.ndarray | torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
     """Per-image standardization, as ``tf.image.per_image_standardization``.
 

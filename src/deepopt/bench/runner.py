@@ -92,11 +92,17 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--out",
             type=Path,
-            default=Path(f"benchmarks/results/{name}.jsonl"),
-            help="results file (one JSON line per finished run)",
+            default=None,
+            help=f"results file (one JSON line per finished run; default benchmarks/results/{name}.jsonl)",
         )
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "ablation":
+            s.add_argument(
+                "--validation",
+                action="store_true",
+                help="train on 45,000 images and evaluate on 5,000 held-out training images "
+                "(for choosing settings; default output ablation-val.jsonl)",
+            )
             s.add_argument(
                 "--mechanisms",
                 nargs="+",
@@ -127,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .data import cache_dir, load_cifar10
+    from .data import cache_dir, load_cifar10, validation_split
     from .train import append_row, finished, run
 
     torch.set_num_threads(args.threads)
     data = load_cifar10(args.data)
+    held_out = getattr(args, "validation", False)
+    if held_out:
+        data = validation_split(data)
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/{args.suite}{'-val' if held_out else ''}.jsonl")
     done = finished(args.out) if args.out.exists() else set()
     modes = args.mechanisms if args.suite == "ablation" else args.modes
     for seed in args.seeds:  # seeds outermost: one seed of everything first
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     kwargs = MECHANISMS[mode]
                     row = run(net, mode, seed, args.epochs, data, activate_kwargs=kwargs, **common)
                     row["mechanism"] = {"name": mode, "settings": kwargs}
+                    row["evaluated_on"] = "validation (5,000 held-out training images)" if held_out else "test"
                 else:  # the mode alone says what runs (train.MODES)
                     row = run(net, mode, seed, args.epochs, data, **common)
                 append_row(args.out, row)

@@ -66,6 +66,8 @@ VALID = {
     "average": [None, "ema", "phase"],
     "ema_decay": [0.0, 0.5, 0.999],
     "lookahead_k": [0, 1, 3],
+    "noise": [0.0, 0.1],
+    "sam_every": [1, 3],
     "guard": [False, True],
 }
 INVALID = {
@@ -74,6 +76,9 @@ INVALID = {
     "average": ["swa", "EMA"],
     "lookahead_k": [-1, 2.5, True],
     "lookahead_alpha": [0.0, 1.5],
+    "noise": [-0.1, math.inf],
+    "sam_every": [0, 1.5, False],
+    "sam_reuse": [math.nan],
     "guard": ["yes", 1, None],
     "ascent": ["no"],
     "max_skips": [0],

@@ -649,8 +649,12 @@ def _per_step_mechanisms(settings: dict[str, Any]) -> list[str]:
     on = []
     if settings.get("rho", 0) > 0:
         on.append(f"the momentum-direction perturbation (rho={settings['rho']:g})")
+    if settings.get("noise", 0) > 0:
+        on.append(f"random weight perturbation (noise={settings['noise']:g})")
     if settings.get("sam_rho", 0) > 0:
-        on.append(f"exact two-pass SAM (sam_rho={settings['sam_rho']:g})")
+        every = settings.get("sam_every", 1)
+        kind = "exact two-pass SAM" if every == 1 else f"LookSAM (two passes every {every} steps)"
+        on.append(f"{kind} (sam_rho={settings['sam_rho']:g})")
     if settings.get("lookahead_k", 0):
         on.append(f"Lookahead (k={settings['lookahead_k']})")
     if settings.get("average"):

@@ -84,3 +84,32 @@ def test_zero_grad_after_train_brings_back_training_weights():
     model.train()
     opt.zero_grad()
     assert torch.equal(model.weight, w)
+
+
+def test_average_restart_continues_from_the_phase_average_after_an_lr_drop():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = deepopt.activate(model, opt, average="phase", average_restart=True)
+    x = torch.randn(16, 3)
+    seen = []
+    for _ in range(4):
+        model(x).pow(2).mean().backward()
+        opt.step(); opt.zero_grad()
+        seen.append([p.detach().clone() for p in model.parameters()])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(x).pow(2).mean().backward()  # same LR: no restart, the raw weights train on
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.zero_grad()
+    for g in opt.param_groups:
+        g["lr"] = 0.01  # what a scheduler's drop does
+    model(x).pow(2).mean().backward()
+    expected = [torch.stack(ws).mean(0) for ws in zip(*seen)]
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_average_restart_needs_averaging():
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="average_restart"):
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), average_restart=True)

@@ -79,6 +79,7 @@ INVALID = {
     "noise": [-0.1, math.inf],
     "sam_every": [0, 1.5, False],
     "sam_reuse": [math.nan],
+    "average_restart": ["yes"],
     "guard": ["yes", 1, None],
     "ascent": ["no"],
     "max_skips": [0],

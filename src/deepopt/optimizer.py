@@ -104,6 +104,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.noise = WeightNoise(settings.noise, torch.initial_seed()) if settings.noise else None
         self.looksam = LookSAM(settings.sam_every, settings.sam_reuse) if settings.sam_every > 1 else None
         self._max_lr = 0.0
+        self._last_lr: float | None = None  # LR of the last update (average_restart)
         self._last_grads: dict[Tensor, Tensor] = {}
         self._view = "train"
         self._shown: list[Tensor] = []
@@ -334,6 +335,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._pending_train_values = None
         lr = float(self.param_groups[0]["lr"])
         self._max_lr = max(self._max_lr, lr)
+        self._last_lr = lr
         if self.lookahead is not None:
             self.lookahead.after_step(self._params())
         if self.average is not None:
@@ -433,6 +435,8 @@ class DeepOptimizer(torch.optim.Optimizer):
             return
         if self.calibrated is None and grad:
             self._calibrate(module, args, kwargs)
+        if self.settings.average_restart and grad:
+            self._restart_from_average()
         self._params_stale = True  # requires_grad may have changed since the last forward
         self._show("perturbed" if grad and self._perturbs else "train")
         if grad:
@@ -461,6 +465,18 @@ class DeepOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(self._eval_targets(), self._pending_train_values)
         elif self.average is not None:
             self.average.tensors = None  # new weights: the average restarts from them
+
+    @torch.no_grad()
+    def _restart_from_average(self) -> None:
+        """At an LR change, continue training from the averaged weights (before this forward)."""
+        lr = float(self.param_groups[0]["lr"])
+        if self._last_lr is None or lr == self._last_lr or self.average is None:
+            return
+        self._last_lr = lr
+        targets = self._eval_targets()
+        if self.average.tensors is not None and len(targets) == len(self.average.tensors):
+            self._show("train")
+            torch._foreach_copy_(targets, self.average.tensors)
 
     @torch.no_grad()
     def _calibrate(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -503,6 +519,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             "steps": self.steps,
             "calibrated": self.calibrated,
             "max_lr": self._max_lr,
+            "last_lr": self._last_lr,
             "average": None if self.average is None else self.average.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "lookahead": None if self.lookahead is None else self.lookahead.state_dict(),
@@ -530,6 +547,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.steps = int(deep["steps"])
         self.calibrated = deep["calibrated"] if self.settings.calibrate else False
         self._max_lr = float(deep["max_lr"])
+        self._last_lr = deep.get("last_lr")
         if self.average is not None and deep["average"] is not None:
             self.average.load_state_dict(deep["average"])
         if self.guard is not None and deep["guard"] is not None:

@@ -42,6 +42,9 @@ class Settings:
         average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
             current LR phase); what ``model.eval()`` computes with.
         ema_decay: EMA decay in ``[0, 1)``.
+        average_restart: when the learning rate changes (an LR drop), training continues
+            from the averaged weights: the average of the phase that ends (SWA's point)
+            is fine-tuned at the new LR. Needs ``average``.
         calibrate: rescale the init on the first batch, only if the signal vanishes.
         calibrate_threshold: vanishing/exploding limit of the last/first layer
             output std ratio.
@@ -61,6 +64,7 @@ class Settings:
     lookahead_alpha: float = 0.5
     average: str | None = None
     ema_decay: float = 0.999
+    average_restart: bool = False
     calibrate: bool = True
     calibrate_threshold: float = 1e-3
     guard: bool = True
@@ -68,7 +72,7 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ``ValueError`` naming the field, the value and the valid range."""
-        for name in ("ascent", "rho_follows_lr", "adaptive", "calibrate", "guard"):
+        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "calibrate", "guard"):
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
@@ -90,6 +94,11 @@ class Settings:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "phase"):
             raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
+        if self.average_restart and self.average is None:
+            raise ValueError(
+                "average_restart=True is invalid without averaging: also pass average='ema' or "
+                "average='phase'."
+            )
         if not 0.0 < self.calibrate_threshold < 1.0:
             raise ValueError(
                 f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-3."

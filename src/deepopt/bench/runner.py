@@ -38,6 +38,8 @@ MECHANISMS: dict[str, dict | None] = {
     "ema-0.999": {"average": "ema", "ema_decay": 0.999},
     "ema-0.99": {"average": "ema", "ema_decay": 0.99},
     "phase": {"average": "phase"},
+    "ema-0.999-restart": {"average": "ema", "ema_decay": 0.999, "average_restart": True},
+    "phase-restart": {"average": "phase", "average_restart": True},
     "noise-0.05": {"noise": 0.05},
     "noise-0.1": {"noise": 0.1},
     "noise-0.2": {"noise": 0.2},

@@ -334,3 +334,32 @@ def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_
     rows = [json.loads(line) for line in (tmp_path / "benchmarks/results/ablation-val.jsonl").open()]
     assert rows[0]["evaluated_on"].startswith("validation")
     assert runner.main(argv) == 0 and len(seen) == 1  # finished: skipped on restart
+
+
+def test_mnist1d_suite_appends_rows_skips_finished_and_reports(tmp_path, monkeypatch) -> None:
+    import deepopt.demo as demo
+    from deepopt.bench import mnist1d
+
+    calls = []
+
+    def fake_run_demo(*, net, epochs, seeds, overrides, progress, validation):
+        calls.append((net, dict(overrides), validation))
+        rec = {"test_acc": [50.0, 60.0], "epoch_seconds": [1.0, 1.0]}
+        better = {"test_acc": [55.0, 62.0 + len(overrides)], "epoch_seconds": [1.0, 1.2]}
+        return {"config": {"net": net, "seeds": list(range(seeds)), "epochs": epochs,
+                           "optimizer": {"lr": 0.1}, "torch_version": "x", "deepopt_version": "y"},
+                "seeds": [{"classical": rec, "deepopt": better} for _ in range(seeds)]}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    out = tmp_path / "m.jsonl"
+    argv = ["--nets", "mlp", "--seeds", "2", "--epochs", "2", "--settings", "{}", '{"noise": 0.1}',
+            "--validation", "--out", str(out), "--no-progress"]
+    assert mnist1d.main(argv) == 0 and mnist1d.main(argv) == 0
+    assert calls == [("mlp", {}, True), ("mlp", {"noise": 0.1}, True)]  # second call: all skipped
+    rows = [json.loads(line) for line in out.open()]
+    assert rows[1]["final_deepopt"] == [63.0, 63.0] and rows[1]["split"] == "validation"
+    md = tmp_path / "B.md"
+    assert report.main([str(out), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    text = md.read_text()
+    assert '| mlp | `{"noise": 0.1}` | 2 | 2 | 60.00 ± 0.00 | 63.00 ± 0.00 | +3.00 ± 0.00 |' in text
+    assert "validation split" in text

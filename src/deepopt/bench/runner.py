@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="suite", required=True)
     sub.add_parser("overhead", help="per-step CPU cost of recipes vs classical -> overhead.jsonl "
                    "(options: deepopt bench overhead --help)")
+    sub.add_parser("mnist1d", help="MNIST-1D classical/activated pairs for MLP, CNN, GRU -> "
+                   "mnist1d.jsonl (options: deepopt bench mnist1d --help)")
     for name, help_ in (
         ("ablation", "mechanism ablation -> ablation.jsonl"),
         ("seed6", "the seed's six-network benchmark -> seed6.jsonl"),
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from .overhead import main as overhead_main
 
         return overhead_main(argv[1:])
+    if argv[:1] == ["mnist1d"]:  # MNIST-1D pairs across architectures, its own options
+        from .mnist1d import main as mnist1d_main
+
+        return mnist1d_main(argv[1:])
     args = _parser().parse_args(argv)
     import torch
 

@@ -75,3 +75,15 @@ def test_noise_state_round_trips_and_resumes_the_same_draws():
     other = WeightNoise(0.1, seed=99)
     other.load_state_dict(state)
     assert torch.equal(other.sample([torch.ones(3, 3)])[0], a)
+
+
+def test_table_noise_has_the_unit_scales_and_changes_every_step():
+    torch.manual_seed(0)
+    w = torch.randn(3, 5000) * torch.tensor([[0.5], [2.0], [0.0]])
+    noise = WeightNoise(0.2, seed=0)
+    a, b = noise.sample([w])[0], noise.sample([w])[0]
+    rms = w.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(a.std(1)[:2] / rms[:2], torch.full((2,), 0.2), atol=0.01, rtol=0)
+    assert torch.equal(a[2], torch.zeros(5000))
+    assert not torch.equal(a, b)
+    assert abs(float(torch.corrcoef(torch.stack([a[:2].flatten(), b[:2].flatten()]))[0, 1])) < 0.05

@@ -196,6 +196,24 @@ def test_runs_share_init_and_data_order():
     assert "The two runs are identical" in "\n".join(demo._notes(result))
 
 
+def test_validation_split_evaluates_on_held_out_training_data(monkeypatch):
+    full = demo.load_mnist1d()
+    seen = {}
+
+    def fake_run_seeds(data, **kwargs):
+        seen.update(data)
+        rec = {"test_acc": [1.0], "train_loss": [1.0], "epoch_seconds": [1.0]}
+        return [{"classical": rec, "deepopt": rec}]
+
+    monkeypatch.setattr(demo, "_run_seeds", fake_run_seeds)
+    result = demo.run_demo(net="mlp", epochs=1, seeds=1, validation=True, progress=False)
+    assert result["config"]["evaluated_on"].startswith("validation")
+    assert len(seen["x"]) == 3200 and len(seen["x_test"]) == 800
+    assert torch.equal(seen["x_test"], full["x"][3200:])  # training data, never the test set
+    demo.run_demo(net="mlp", epochs=1, seeds=1, progress=False)
+    assert torch.equal(seen["x_test"], full["x_test"])
+
+
 def test_closure_form_for_exact_sam_leaves_the_classical_run_unchanged():
     torch.set_num_threads(1)
     data = {k: v[:300] for k, v in demo.load_mnist1d().items()}

@@ -113,3 +113,21 @@ def test_average_restart_needs_averaging():
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="average_restart"):
         deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), average_restart=True)
+
+
+def test_average_every_k_folds_every_kth_iterate_with_the_same_horizon():
+    avg = WeightAverage("phase", every=3)
+    for v in range(10):  # iterates 0..9: the first starts the average, then every 3rd
+        avg.update([torch.tensor([float(v)])], lr=0.1)
+    assert avg.tensors[0].item() == pytest.approx((0 + 3 + 6 + 9) / 4)
+    ema = WeightAverage("ema", decay=0.9, warmup=False, every=2)
+    ema.update([torch.tensor([0.0])])
+    ema.update([torch.tensor([1.0])])  # skipped
+    ema.update([torch.tensor([1.0])])
+    assert ema.tensors[0].item() == pytest.approx(1 - 0.9**2)
+    state = ema.state_dict()
+    ema.update([torch.tensor([5.0])])  # one call into the next window...
+    again = WeightAverage("ema", decay=0.9, warmup=False, every=2)
+    again.load_state_dict(state)
+    again.update([torch.tensor([5.0])])
+    assert again.calls == ema.calls == 1 and torch.equal(again.tensors[0], ema.tensors[0])

@@ -67,6 +67,7 @@ VALID = {
     "ema_decay": [0.0, 0.5, 0.999],
     "lookahead_k": [0, 1, 3],
     "noise": [0.0, 0.1],
+    "average_every": [1, 3],
     "sam_every": [1, 3],
     "guard": [False, True],
 }
@@ -80,6 +81,7 @@ INVALID = {
     "sam_every": [0, 1.5, False],
     "sam_reuse": [math.nan],
     "average_restart": ["yes"],
+    "average_every": [0, 2.0],
     "guard": ["yes", 1, None],
     "ascent": ["no"],
     "max_skips": [0],

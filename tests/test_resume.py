@@ -34,7 +34,7 @@ RECIPES = {
     "average": ({"average": "ema", "rho": 0.05}, False, True),
     "lookahead": ({"lookahead_k": 3, "average": "phase"}, False, False),
     "noise": ({"noise": 0.1}, False, False),
-    "restart": ({"average": "ema", "ema_decay": 0.9, "average_restart": True}, False, True),
+    "restart": ({"average": "ema", "ema_decay": 0.9, "average_restart": True, "average_every": 2}, False, True),
     "looksam": ({"recipe": "thorough", "sam_every": 3}, True, True),
 }
 

@@ -97,7 +97,11 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.settings = settings
         self.steps = 0
         self.calibrated: bool | None = None if settings.calibrate else False
-        self.average = WeightAverage(settings.average, settings.ema_decay) if settings.average else None
+        self.average = (
+            WeightAverage(settings.average, settings.ema_decay, every=settings.average_every)
+            if settings.average
+            else None
+        )
         self.guard = DivergenceGuard(settings.max_skips) if settings.guard else None
         self.lookahead = Lookahead(settings.lookahead_k, settings.lookahead_alpha) if settings.lookahead_k else None
         # Seeded from the user's seed without drawing from (and so moving) the global RNG.

@@ -42,6 +42,8 @@ class Settings:
         average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
             current LR phase); what ``model.eval()`` computes with.
         ema_decay: EMA decay in ``[0, 1)``.
+        average_every: fold the weights into the average every ``k``-th step only (the
+            EMA decay is adjusted to keep its horizon in steps): ``1/k`` of the cost.
         average_restart: when the learning rate changes (an LR drop), training continues
             from the averaged weights: the average of the phase that ends (SWA's point)
             is fine-tuned at the new LR. Needs ``average``.
@@ -64,6 +66,7 @@ class Settings:
     lookahead_alpha: float = 0.5
     average: str | None = None
     ema_decay: float = 0.999
+    average_every: int = 1
     average_restart: bool = False
     calibrate: bool = True
     calibrate_threshold: float = 1e-3
@@ -94,6 +97,8 @@ class Settings:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "phase"):
             raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
+        if _is_bool(self.average_every) or not isinstance(self.average_every, numbers.Integral) or self.average_every < 1:
+            raise ValueError(f"average_every={self.average_every!r} is invalid: it must be an integer >= 1.")
         if self.average_restart and self.average is None:
             raise ValueError(
                 "average_restart=True is invalid without averaging: also pass average='ema' or "

@@ -81,9 +81,11 @@ def table(rows: list[dict], order: list[str] | None = None) -> str:
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["net"], _key(r))].append(r)
+    held_out = any(str(r.get("evaluated_on", "test")).startswith("validation") for r in rows)
+    acc = "validation acc" if held_out else "test acc"
     lines = [
-        "| net | mode | seeds | final test acc (mean ± std) | paired diff vs classical (95% CI) "
-        "| max test acc (test-selected) | s/epoch (shared machine) |",
+        f"| net | mode | seeds | final {acc} (mean ± std) | paired diff vs classical (95% CI) "
+        f"| max {acc} ({'selected on validation' if held_out else 'test-selected'}) | s/epoch (shared machine) |",
         "|---|---|---|---|---|---|---|",
     ]
     nets = sorted({n for n, _ in groups})

@@ -193,6 +193,7 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+    held_out = any(str(r.get("evaluated_on", "test")).startswith("validation") for r in rows)
     paths = []
     for net in sorted({r["net"] for r in rows}):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,12 +201,16 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
         for r in rows:
             if r["net"] == net:
                 curves[_key(r)].append(r["test_acc"])
-        for mode, accs in sorted(curves.items(), key=lambda kv: (kv[0] != "classical", kv[0])):
+        colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 modes
+        ordered = sorted(curves.items(), key=lambda kv: (kv[0] != "classical", kv[0]))
+        for k, (mode, accs) in enumerate(ordered):
             n = min(len(a) for a in accs)
             mean = [statistics.fmean(a[i] for a in accs) for i in range(n)]
+            bold = mode in ("classical", "deepopt", "default")
             ax.plot(range(1, n + 1), mean, label=f"{mode} (n={len(accs)})",
-                    lw=2.5 if mode in ("classical", "deepopt", "default") else 1.2)
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: net {net}")
+                    color="black" if mode == "classical" else colors[k % len(colors)], lw=2.5 if bold else 1.2)
+        ylabel = "validation accuracy (%)" if held_out else "test accuracy (%)"
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: net {net}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         path = out / f"{title}-net{net}.png"

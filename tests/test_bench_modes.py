@@ -363,3 +363,12 @@ def test_mnist1d_suite_appends_rows_skips_finished_and_reports(tmp_path, monkeyp
     text = md.read_text()
     assert '| mlp | `{"noise": 0.1}` | 2 | 2 | 60.00 ± 0.00 | 63.00 ± 0.00 | +3.00 ± 0.00 |' in text
     assert "validation split" in text
+
+
+@pytest.mark.parametrize("bad, says", [('{"nosie": 1}', "nosie"), ("[1]", "not a JSON object"), ("{", "JSON")])
+def test_mnist1d_suite_refuses_bad_settings_before_training(bad, says, capsys) -> None:
+    from deepopt.bench import mnist1d
+
+    with pytest.raises(SystemExit):
+        mnist1d.main(["--settings", bad, "--out", "unused.jsonl"])
+    assert says in capsys.readouterr().err

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from deepopt.demo import DEFAULT_EPOCHS, NETS, run_demo
 
     p = argparse.ArgumentParser(prog="deepopt bench mnist1d", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nets", nargs="+", choices=NETS, default=["mlp", "cnn", "gru"])
+    p.add_argument("--nets", nargs="+", choices=NETS, default=["mlp", "cnn", "gru"],
+                   help="networks, as in deepopt demo --net (default: mlp cnn gru)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--epochs", type=int, default=None, help="default: the demo's per net")
     p.add_argument("--settings", nargs="+", default=["{}"],
@@ -61,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     split = "validation" if args.validation else "test"
     out = args.out or Path(f"benchmarks/results/mnist1d{'-val' if args.validation else ''}.jsonl")
+    from deepopt.recipes import resolve
+
     try:
         settings_list = [json.loads(t) for t in args.settings]
-    except json.JSONDecodeError as e:
-        p.error(f"--settings must be JSON dicts, e.g. '{{\"noise\": 0.1}}': {e}")
+        if not all(isinstance(d, dict) for d in settings_list):
+            raise ValueError("a value is not a JSON object")
+        for d in settings_list:  # refuse a bad name or value before hours of training
+            resolve("default", d)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        p.error(f"--settings takes JSON objects of deepopt settings, e.g. '{{\"noise\": 0.1}}': {e}")
     done = set()
     if out.exists():
         done = {row_key(json.loads(line)) for line in out.open() if line.strip()}

@@ -93,6 +93,13 @@ def test_activated_mode_calls_activate_once(
     assert a["train_loss"] == run(6, "classical", 3, 1, tiny, progress=False)["train_loss"]
 
 
+def test_deepopt_rows_record_what_the_recipe_resolved_to(tiny) -> None:
+    a = run(6, "deepopt-thorough", 0, 1, tiny, progress=False)
+    assert a["settings"] == {"recipe": "thorough", "closure": True}
+    assert a["resolved"]["sam_rho"] == 0.05 and a["resolved"]["guard"] is True
+    assert "resolved" not in run(6, "classical", 0, 1, tiny, progress=False)
+
+
 def test_milestones() -> None:
     assert milestones(1000) == [300, 600, 800]
     assert milestones(20) == [6, 12, 16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -162,3 +164,33 @@ def test_two_pass_sam_matches_reference_and_keeps_bn_stats():
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert torch.equal(model[1].running_mean, ref[1].running_mean)
+
+
+def test_sam_warmup_ramps_the_radius_step_by_step():
+    # sam_warmup=4 at rho 0.2: step 0 uses radius 0.05 and step 1 radius 0.1. A run that
+    # switches a plain (no warm-up) SAM's radius by hand between the steps must match.
+    x, y = data("img", n=16)
+    loss_fn = nn.functional.cross_entropy
+
+    def run(radii, **overrides):
+        torch.manual_seed(0)
+        model = bn_cnn()
+        model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                      recipe="thorough", **overrides)
+        for i, rho in enumerate(radii):
+            if rho is not None:  # stands in for the ramp: a fresh setting per step
+                opt.settings = dataclasses.replace(opt.settings, sam_rho=rho)
+
+            def closure(i=i):
+                opt.zero_grad()
+                loss = loss_fn(model(x[i * 8:(i + 1) * 8]), y[i * 8:(i + 1) * 8])
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    warmed = run([None, None], sam_rho=0.2, sam_warmup=4)
+    by_hand = run([0.05, 0.1], sam_rho=0.2)
+    full = run([None, None], sam_rho=0.2)
+    assert all(torch.equal(a, b) for a, b in zip(warmed, by_hand))
+    assert not all(torch.equal(a, b) for a, b in zip(warmed, full))

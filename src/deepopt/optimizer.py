@@ -37,7 +37,7 @@ from .mechanisms.guard import DivergenceGuard, all_finite
 from .mechanisms.lookahead import Lookahead
 from .mechanisms.looksam import LookSAM, orthogonal_part, reuse_
 from .mechanisms.noise import WeightNoise
-from .mechanisms.perturb import direction, perturbation, unit_scale
+from .mechanisms.perturb import direction, perturbation, unit_scale, warmed_up
 from .recipes import Settings
 
 __all__ = ["DeepOptimizer", "STATE_VERSION"]
@@ -270,7 +270,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         Returns LookSAM's ``g_v`` when LookSAM is on (else ``None``).
         """
         grads = [p.grad for p in with_grad]
-        e = perturbation(grads, self.settings.sam_rho, weights=with_grad if self.settings.adaptive else None)
+        rho = warmed_up(self.settings.sam_rho, self.steps, self.settings.sam_warmup)
+        e = perturbation(grads, rho, weights=with_grad if self.settings.adaptive else None)
         clean = [g.clone() for g in grads] if self.looksam is not None else None
         buffers = self._buffers()
         saved_buffers = [b.clone() for b in buffers]

@@ -48,6 +48,7 @@ MECHANISMS: dict[str, dict | None] = {
     "looksam-5-0.1": {"recipe": "thorough", "sam_rho": 0.1, "sam_every": 5, "closure": True},
     "sam-0.05": {"recipe": "thorough", "sam_rho": 0.05, "closure": True},
     "sam-0.02": {"recipe": "thorough", "sam_rho": 0.02, "closure": True},
+    "sam-0.05-warm": {"recipe": "thorough", "sam_rho": 0.05, "sam_warmup": 1000, "closure": True},
     "default": {"recipe": "default"},
     "thorough": {"recipe": "thorough", "closure": True},
 }

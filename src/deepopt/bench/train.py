@@ -229,7 +229,8 @@ def run(
         ``swa``/``ema``), ``final_test_acc``, ``max_test_acc``; ``train_loss`` (mean
         training loss of each epoch, at the trained weights); ``sec_per_epoch`` (mean
         training time per epoch, evaluation and ``update_bn`` excluded); ``settings``
-        (``activate_kwargs`` as given, or the mode's settings); ``torch`` (version),
+        (``activate_kwargs`` as given, or the mode's settings); for a deepopt run
+        ``resolved`` (every deepopt setting the recipe and overrides gave); ``torch`` (version),
         ``git_commit``, ``threads``; and for an equal-time mode ``budget_of``.
 
     Raises:
@@ -354,6 +355,9 @@ def run(
         "git_commit": _git_commit(),
         "threads": torch.get_num_threads(),
     }
+    resolved = getattr(optimizer, "settings", None)
+    if resolved is not None:  # what the recipe meant when this row was run
+        row["resolved"] = resolved.as_dict()
     if mode in _EQUAL_TIME:
         row["budget_of"] = epochs
     return row

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["perturbation", "unit_scale", "direction"]
+__all__ = ["perturbation", "unit_scale", "direction", "warmed_up"]
 
 
 @torch.no_grad()
@@ -69,6 +69,20 @@ def perturbation(
     if scales is not None:
         torch._foreach_mul_(out, scales)
     return out
+
+
+def warmed_up(rho: float, step: int, warmup: int) -> float:
+    """The radius at 0-based ``step`` of a linear ramp from 0 to ``rho`` over ``warmup`` steps.
+
+    Step ``warmup - 1`` and later get the full ``rho``; ``warmup=0`` means no ramp.
+
+    Example:
+        >>> warmed_up(0.05, 0, 4), warmed_up(0.05, 1, 4), warmed_up(0.05, 3, 4), warmed_up(0.05, 9, 0)
+        (0.0125, 0.025, 0.05, 0.05)
+    """
+    if warmup <= 0:
+        return rho
+    return rho * min(1.0, (step + 1) / warmup)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def _train(settings: dict, steps: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                  recipe="thorough", guard=False, **settings)
+                                  recipe="thorough", guard=False, sam_warmup=0, **settings)
     x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
     calls = []
 

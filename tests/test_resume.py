@@ -36,7 +36,7 @@ RECIPES = {
     "noise": ({"noise": 0.1}, False, False),
     "restart": ({"average": "ema", "ema_decay": 0.9, "average_restart": True, "average_every": 2}, False, True),
     "looksam": ({"recipe": "thorough", "sam_every": 3}, True, True),
-    "sam_warmup": ({"recipe": "thorough", "sam_warmup": 10}, True, False),
+    "sam_no_warmup": ({"recipe": "thorough", "sam_warmup": 0}, True, False),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepopt.bench.train import append_row, evaluate, finished, milestones, run
+from deepopt.bench.train import append_row, current_settings, evaluate, finished, milestones, run
 
 ROW_KEYS = {
     "net",
@@ -158,6 +158,19 @@ def test_append_row_finished_round_trip(tmp_path: Path) -> None:
         (5, "classical", 2, 3),
     }
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_a_deepopt_run_of_a_changed_recipe_is_not_finished(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    now = current_settings("deepopt-thorough")
+    old = {**now, "sam_warmup": now["sam_warmup"] + 1}  # as if the recipe changed since
+    append_row(path, {"net": 6, "mode": "deepopt-thorough", "seed": 0, "epochs": 2, "resolved": old})
+    append_row(path, {"net": 6, "mode": "deepopt-thorough", "seed": 1, "epochs": 2, "resolved": now})
+    append_row(path, {"net": 6, "mode": "deepopt", "seed": 0, "epochs": 2})  # from before rows kept it
+    # an ablation row keeps its own label and settings: never redone for a recipe change
+    append_row(path, {"net": 6, "mode": "thorough", "seed": 0, "epochs": 2, "resolved": old,
+                      "mechanism": {"name": "thorough", "settings": {"recipe": "thorough"}}})
+    assert finished(path) == {(6, "deepopt-thorough", 1, 2), (6, "deepopt", 0, 2), (6, "thorough", 0, 2)}
 
 
 def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ __all__ = [
     "SWA_START",
     "WEIGHT_DECAY",
     "append_row",
+    "current_settings",
     "evaluate",
     "finished",
     "milestones",
@@ -524,14 +525,33 @@ def append_row(path: str | os.PathLike[str], row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def current_settings(mode: str) -> dict | None:
+    """What a seed6 deepopt mode's recipe resolves to now (``None`` for the other modes).
+
+    Compared with a row's ``resolved`` to find runs of a recipe that has changed since.
+
+    Example:
+        >>> current_settings("deepopt-thorough")["sam_rho"], current_settings("sam")
+        (0.05, None)
+    """
+    if mode not in _ACTIVATIONS:
+        return None
+    from deepopt.recipes import resolve
+
+    kwargs = {k: v for k, v in _ACTIVATIONS[mode].items() if k != "closure"}
+    return resolve(kwargs.pop("recipe"), kwargs).as_dict()
+
+
 def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     """The ``(net, mode, seed, epoch budget)`` of every complete row in ``path``.
 
     The budget is the row's ``budget_of`` where it has one (an equal-time run such as
     ``sam-equal-time`` trains fewer epochs than the budget it is run for), else its
     ``epochs``; so a runner asks for ``(net, mode, seed, budget)`` in every mode.
-    A missing file gives the empty set; lines that are not complete JSON rows
-    (e.g. cut off by a crash) are skipped.
+    A seed6 ``deepopt``/``deepopt-thorough`` row whose ``resolved`` settings differ from
+    what its recipe resolves to now (:func:`current_settings`) does not count: the run is
+    redone and ``deepopt report`` keeps the later row. A missing file gives the empty
+    set; lines that are not complete JSON rows (e.g. cut off by a crash) are skipped.
     """
     p = Path(path)
     if not p.exists():
@@ -542,6 +562,10 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
             try:
                 r = json.loads(line)
                 budget = int(r.get("budget_of", r["epochs"]))
+                # A deepopt run whose recipe has changed since is not finished: run it again.
+                now = None if "mechanism" in r else current_settings(str(r["mode"]))
+                if now is not None and r.get("resolved", now) != now:
+                    continue
                 done.add((int(r["net"]), str(r["mode"]), int(r["seed"]), budget))
             except (ValueError, KeyError, TypeError):
                 continue

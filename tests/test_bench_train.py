@@ -26,6 +26,7 @@ ROW_KEYS = {
     "settings",
     "torch",
     "git_commit",
+    "cpu",
     "threads",
 }
 

@@ -32,8 +32,9 @@ def activate(
     Args:
         model: the network (any ``nn.Module``, DDP-wrapped or not).
         optimizer: any ``torch.optim.Optimizer`` over (a subset of) ``model``'s parameters.
-        recipe: ``"default"`` (about 1x cost), ``"thorough"`` (up to 2x; exact SAM,
-            its radius ramped up over the first 1,000 steps, when ``step(closure)`` is used) or ``"safe"`` (calibration and guard only).
+        recipe: ``"default"`` (about 1x cost), ``"thorough"`` (up to 2x; exact SAM, its
+            radius ramped up over the first 1,000 steps, when ``step(closure)`` is used)
+            or ``"safe"`` (calibration and guard only).
         enabled: ``False`` returns ``model`` and ``optimizer`` untouched, for A/B runs.
         **overrides: fields of :class:`deepopt.Settings` replacing the recipe's values,
             e.g. ``rho=0.05``, ``average="ema"``, ``ema_decay=0.999``.

@@ -30,7 +30,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["latest_runs", "load_rows", "machines_note", "paired", "seed6_table", "table", "overhead_table", "mnist1d_table", "main"]
+__all__ = [
+    "latest_runs", "load_rows", "machines_note", "paired", "seed6_table", "table",
+    "overhead_table", "mnist1d_table", "main",
+]
 
 # Two-sided 95% Student-t quantiles by degrees of freedom (df > 30: normal).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

@@ -232,8 +232,9 @@ def run(
         training loss of each epoch, at the trained weights); ``sec_per_epoch`` (mean
         training time per epoch, evaluation and ``update_bn`` excluded); ``settings``
         (``activate_kwargs`` as given, or the mode's settings); for a deepopt run
-        ``resolved`` (every deepopt setting the recipe and overrides gave); ``torch`` (version),
-        ``git_commit``, ``threads``, ``cpu`` (model and vector extension); and for an equal-time mode ``budget_of``.
+        ``resolved`` (every deepopt setting the recipe and overrides gave); ``torch``
+        (version), ``git_commit``, ``threads``, ``cpu`` (model and vector extension); and
+        for an equal-time mode ``budget_of``.
 
     Raises:
         ValueError: ``epochs < 1``, ``net`` not in 1..6, an unknown mode without

@@ -93,20 +93,19 @@ class Settings:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
-        if _is_bool(self.sam_warmup) or not isinstance(self.sam_warmup, numbers.Integral) or self.sam_warmup < 0:
-            raise ValueError(f"sam_warmup={self.sam_warmup!r} is invalid: it must be an integer >= 0 (0 = off).")
-        if _is_bool(self.sam_every) or not isinstance(self.sam_every, numbers.Integral) or self.sam_every < 1:
-            raise ValueError(f"sam_every={self.sam_every!r} is invalid: it must be an integer >= 1 (1 = every step).")
-        if _is_bool(self.lookahead_k) or not isinstance(self.lookahead_k, numbers.Integral) or self.lookahead_k < 0:
-            raise ValueError(f"lookahead_k={self.lookahead_k!r} is invalid: it must be an integer >= 0 (0 = off).")
+        # Step counts: integers (not bools, not floats) at or above their smallest value.
+        for name, low, note in (("sam_warmup", 0, " (0 = off)"), ("sam_every", 1, " (1 = every step)"),
+                                ("lookahead_k", 0, " (0 = off)"), ("average_every", 1, ""),
+                                ("max_skips", 1, "")):
+            value = getattr(self, name)
+            if _is_bool(value) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {low}{note}.")
         if not 0.0 < self.lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "phase"):
             raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
-        if _is_bool(self.average_every) or not isinstance(self.average_every, numbers.Integral) or self.average_every < 1:
-            raise ValueError(f"average_every={self.average_every!r} is invalid: it must be an integer >= 1.")
         if self.average_restart and self.average is None:
             raise ValueError(
                 "average_restart=True is invalid without averaging: also pass average='ema' or "
@@ -116,8 +115,6 @@ class Settings:
             raise ValueError(
                 f"calibrate_threshold={self.calibrate_threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-3."
             )
-        if _is_bool(self.max_skips) or not isinstance(self.max_skips, numbers.Integral) or self.max_skips < 1:
-            raise ValueError(f"max_skips={self.max_skips!r} is invalid: it must be an integer >= 1.")
         return self
 
     def as_dict(self) -> dict:

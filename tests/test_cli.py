@@ -50,7 +50,7 @@ def test_demo_help_explains_every_option(capsys):
         assert action.help, f"{action.option_strings} has no help"
         for opt in action.option_strings:
             assert opt in out
-    for word in ("MNIST-1D", "--net", "deep", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads"):
+    for word in ("MNIST-1D", "--net", "deep", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads", "--workers"):
         assert word in out
     assert "Default: deep." in " ".join(out.split())
 
@@ -194,6 +194,25 @@ def test_runs_share_init_and_data_order():
     assert pair["classical"]["lr"] == pair["deepopt"]["lr"]
     result = {"seeds": [pair]}
     assert "The two runs are identical" in "\n".join(demo._notes(result))
+
+
+def test_worker_processes_give_the_single_process_results():
+    # Each run rebuilt in its own process from the seed must equal the in-process pair
+    # (deepcopy twin, interleaved epochs): same init, batches, calibration and numbers.
+    kwargs = {"net": "deep", "epochs": 2, "seeds": 2, "limit": 256, "progress": False}
+    alone = demo.run_demo(workers=1, **kwargs)
+    spread = demo.run_demo(workers=8, **kwargs)
+    assert alone["config"]["workers"] == 1 and spread["config"]["workers"] == 4  # 2 seeds x 2 runs
+    for a, b in zip(alone["seeds"], spread["seeds"]):
+        assert a["seed"] == b["seed"]
+        for mode in ("classical", "deepopt"):
+            for key in ("test_acc", "test_loss", "train_loss", "lr"):
+                assert a[mode][key] == b[mode][key], (mode, key)
+        for key in ("calibrated", "skipped_steps", "signal_ratio"):
+            assert a["deepopt"][key] == b["deepopt"][key]
+    assert alone["seeds"][0]["deepopt"]["calibrated"] is True  # the pair did differ
+    with pytest.raises(ValueError, match="workers=0"):
+        demo.run_demo(workers=0, **kwargs)
 
 
 def test_validation_split_evaluates_on_held_out_training_data(monkeypatch):

@@ -280,6 +280,12 @@ def test_report_pairs_equal_time_with_deepopt(
     assert avg[6].strip() == "+1.00 (mean of 2 nets)"
     assert lines[("all nets", "sam-equal-time")].split("|")[7].strip() == "-0.50 (mean of 2 nets)"
     assert ("all nets", "classical") not in lines
+    # time ratios pair a seed's runs only when both ran on the same kind of CPU
+    mixed = [r | {"cpu": "avx2"} if r["mode"] == "sam" and (r["net"] == 6 or r["seed"] == 1) else r for r in rows]
+    mixed_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(mixed).splitlines()}
+    assert mixed_lines[("6", "sam")].split("|")[10].strip() == "–"
+    assert mixed_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # seed 0 only
+    assert mixed_lines[("all nets", "sam")].split("|")[10].strip() == "1.82x"  # net 5 only
 
     # main(): equal-time rows land in the block of their nominal budget
     path = tmp_path / "seed6.jsonl"

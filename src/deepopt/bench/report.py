@@ -155,8 +155,9 @@ def seed6_table(rows: list[dict]) -> str:
 
     Beside :func:`table`'s columns: the paired difference to ``deepopt`` (same net,
     same seeds, nominal budget; for ``sam-equal-time`` this is the equal-wall-clock
-    comparison) and the mean total training time (``sec_per_epoch x epochs``) relative
-    to deepopt's. The ``all nets`` rows give, per mode, the mean over the nets that have
+    comparison) and the total training time (``sec_per_epoch x epochs``) relative to
+    deepopt's, averaged over the seeds whose two runs ran on the same kind of CPU (rows'
+    ``cpu`` field; "–" when there is none). The ``all nets`` rows give, per mode, the mean over the nets that have
     both runs of the per-net mean paired difference (no interval: the nets differ).
     """
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -167,13 +168,19 @@ def seed6_table(rows: list[dict]) -> str:
     def order(modes):
         return sorted(set(modes), key=lambda m: (rank.get(m, len(rank)), m))
 
-    def total_sec(g: list[dict]) -> float:
-        return statistics.fmean(r["sec_per_epoch"] * r["epochs"] for r in g)
+    def time_ratio(g: list[dict], base: list[dict] | None) -> float | None:
+        by_seed = {r["seed"]: r for r in base or []}
+        ratios = [
+            r["sec_per_epoch"] * r["epochs"] / (b["sec_per_epoch"] * b["epochs"])
+            for r in g
+            if (b := by_seed.get(r["seed"])) is not None and b.get("cpu") == r.get("cpu")
+        ]
+        return statistics.fmean(ratios) if ratios else None
 
     lines = [
         "| net | mode | seeds | epochs trained | final test acc (mean ± std) "
         "| paired diff vs classical (95% CI) | paired diff vs deepopt (95% CI) "
-        "| max test acc (test-selected) | s/epoch | train time vs deepopt |",
+        "| max test acc (test-selected) | s/epoch | train time vs deepopt (same seed, same CPU) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     per_net: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -190,20 +197,21 @@ def seed6_table(rows: list[dict]) -> str:
                 if mode not in ("classical", "deepopt")
                 else (None, None, 0)
             )
-            time_ratio = f"{total_sec(g) / total_sec(base):.2f}x" if base else "–"
+            ratio = time_ratio(g, base)
             if d_cl is not None:
                 per_net[mode]["classical"].append(d_cl)
             if d_do is not None:
                 per_net[mode]["deepopt"].append(d_do)
-            if base:
-                per_net[mode]["time"].append(total_sec(g) / total_sec(base))
+            if ratio is not None:
+                per_net[mode]["time"].append(ratio)
             trained = sorted({r["epochs"] for r in g})
             lines.append(
                 f"| {net} | {mode} | {len(g)} | {'/'.join(map(str, trained))} "
                 f"| {_fmt(statistics.fmean(finals), sd)} | {_fmt(d_cl, h_cl, sign=True)} "
                 f"| {_fmt(d_do, h_do, sign=True)} "
                 f"| {statistics.fmean(r['max_test_acc'] for r in g):.2f} "
-                f"| {statistics.fmean(r['sec_per_epoch'] for r in g):.1f} | {time_ratio} |"
+                f"| {statistics.fmean(r['sec_per_epoch'] for r in g):.1f} "
+                f"| {'–' if ratio is None else f'{ratio:.2f}x'} |"
             )
     for mode in order(per_net):
         if mode == "classical":

@@ -268,6 +268,7 @@ def test_report_pairs_equal_time_with_deepopt(
                 _row(net, "sam", seed, 52 + shift + seed, 2.0),
                 _row(net, "sam-equal-time", seed, 50.5 + shift + seed, 2.2, epochs=10),
             ]
+    rows = [r | {"cpu": "avx512"} for r in rows]
     text = report.seed6_table(rows)
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()}
     eq5 = lines[("5", "sam-equal-time")].split("|")
@@ -286,6 +287,8 @@ def test_report_pairs_equal_time_with_deepopt(
     assert mixed_lines[("6", "sam")].split("|")[10].strip() == "–"
     assert mixed_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # seed 0 only
     assert mixed_lines[("all nets", "sam")].split("|")[10].strip() == "1.82x"  # net 5 only
+    unknown = [{k: v for k, v in r.items() if k != "cpu"} for r in rows]  # not recorded: no pair
+    assert report.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
 
     # main(): equal-time rows land in the block of their nominal budget
     path = tmp_path / "seed6.jsonl"

@@ -156,8 +156,9 @@ def seed6_table(rows: list[dict]) -> str:
     Beside :func:`table`'s columns: the paired difference to ``deepopt`` (same net,
     same seeds, nominal budget; for ``sam-equal-time`` this is the equal-wall-clock
     comparison) and the total training time (``sec_per_epoch x epochs``) relative to
-    deepopt's, averaged over the seeds whose two runs ran on the same kind of CPU (rows'
-    ``cpu`` field; "–" when there is none). The ``all nets`` rows give, per mode, the mean over the nets that have
+    deepopt's, averaged over the seeds whose two runs recorded the same kind of CPU (rows'
+    ``cpu`` field; rows from before it was recorded ran on different machines, so they
+    are not paired; "–" when no seed qualifies). The ``all nets`` rows give, per mode, the mean over the nets that have
     both runs of the per-net mean paired difference (no interval: the nets differ).
     """
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -173,7 +174,7 @@ def seed6_table(rows: list[dict]) -> str:
         ratios = [
             r["sec_per_epoch"] * r["epochs"] / (b["sec_per_epoch"] * b["epochs"])
             for r in g
-            if (b := by_seed.get(r["seed"])) is not None and b.get("cpu") == r.get("cpu")
+            if (b := by_seed.get(r["seed"])) is not None and r.get("cpu") and b.get("cpu") == r["cpu"]
         ]
         return statistics.fmean(ratios) if ratios else None
 

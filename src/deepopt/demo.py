@@ -501,6 +501,7 @@ def _run_seeds(
     return per_seed
 
 
+_MODES = ("classical", "deepopt")
 # A worker process's shared inputs, set once by ``_start_worker``.
 _WORKER: dict[str, Any] = {}
 
@@ -566,9 +567,6 @@ def _run_parallel(
                 bar.set_postfix_str(" | ".join(last[m] for m in _MODES if m in last))
                 bar.update(1)
         return [{m: futures[s, m].result() for m in _MODES} for s in seeds]
-
-
-_MODES = ("classical", "deepopt")
 
 
 def run_demo(

@@ -158,8 +158,9 @@ def seed6_table(rows: list[dict]) -> str:
     comparison) and the total training time (``sec_per_epoch x epochs``) relative to
     deepopt's, averaged over the seeds whose two runs recorded the same kind of CPU (rows'
     ``cpu`` field; rows from before it was recorded ran on different machines, so they
-    are not paired; "–" when no seed qualifies). The ``all nets`` rows give, per mode, the mean over the nets that have
-    both runs of the per-net mean paired difference (no interval: the nets differ).
+    are not paired; "–" when no seed qualifies). The ``all nets`` rows give, per mode,
+    the mean over the nets that have both runs of the per-net mean paired difference (no
+    interval: the nets differ).
     """
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:

@@ -28,12 +28,17 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     """Median CPU milliseconds per training step, classical vs activated with ``settings``."""
     import deepopt
     from deepopt.bench.nets import build_net
+    from deepopt.demo import _needs_closure
 
     from .train import LR, MOMENTUM, WEIGHT_DECAY
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64 * block, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (64 * block,), generator=g)
+    settings = dict(settings)
+    # Exact SAM runs only through step(closure); both arms take that form so that the
+    # ratio prices the second pass (for plain SGD it is the same computation).
+    closure = _needs_closure(settings.get("recipe", "default"), {k: v for k, v in settings.items() if k != "recipe"})
     runs = {}
     for name in ("classical", "activated"):
         torch.manual_seed(seed)
@@ -47,9 +52,18 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
         t0 = time.process_time()
         for i in range(block):
             xb, yb = x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+
+            def loss_and_grad(xb=xb, yb=yb):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            if closure:
+                opt.step(loss_and_grad)
+            else:
+                loss_and_grad()
+                opt.step()
         return (time.process_time() - t0) * 1000 / block
 
     for _ in range(max(1, steps // block)):
@@ -59,7 +73,7 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     activated = statistics.median(runs["activated"][2][1:])
     return {"net": net, "settings": settings, "ms_per_step_classical": classical,
             "ms_per_step_activated": activated, "ratio": activated / classical,
-            "steps": steps, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "steps": steps, "closure": closure, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:

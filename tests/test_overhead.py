@@ -1,0 +1,36 @@
+"""``deepopt bench overhead`` prices what a recipe really does per step."""
+
+import torch
+from torch import nn
+
+from deepopt.bench import nets, overhead
+
+
+def _counting_net(calls: list[str]):
+    def build(net: int) -> nn.Module:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+        # training forwards only (activate's start-up probe runs without grad)
+        model.register_forward_pre_hook(lambda m, a: calls.append(m.tag) if torch.is_grad_enabled() else None)
+        model.tag = "classical" if not hasattr(build, "made") else "activated"
+        build.made = True
+        return model
+    return build
+
+
+def test_sam_recipe_is_timed_with_its_second_pass(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(nets, "build_net", _counting_net(calls))
+    row = overhead.step_costs(6, {"recipe": "thorough"}, steps=4, block=2)
+    assert row["closure"] is True
+    # two blocks of two steps each: SAM evaluates the model twice per step
+    assert calls.count("classical") == 4
+    assert calls.count("activated") == 8
+
+
+def test_one_pass_recipe_is_timed_without_closure(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(nets, "build_net", _counting_net(calls))
+    row = overhead.step_costs(6, {}, steps=4, block=2)
+    assert row["closure"] is False
+    assert calls.count("classical") == calls.count("activated") == 4
+    assert row["ratio"] > 0 and torch.isfinite(torch.tensor(row["ratio"]))

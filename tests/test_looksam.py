@@ -84,3 +84,18 @@ def test_sam_every_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="sam_every"):
         model = nn.Linear(1, 1)
         deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), sam_every=bad)
+
+
+def test_reuse_zero_is_periodic_sam_with_plain_gradients_between():
+    _, opt, grads, calls, (x, y) = _train({"sam_every": 3, "sam_reuse": 0.0}, 4)
+    assert calls == 4 + 2  # steps 1 and 4 run two passes
+    assert opt.looksam.ortho is None  # nothing kept for reuse
+    exact = _train({}, 1)[2]
+    for a, b in zip(grads[0], exact[0]):
+        torch.testing.assert_close(a, b)
+    # step 2 is a plain gradient at the weights after step 1
+    model, _, _, _, _ = _train({"sam_every": 3, "sam_reuse": 0.0}, 1)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for a, p in zip(grads[1], model.parameters()):
+        torch.testing.assert_close(a, p.grad)

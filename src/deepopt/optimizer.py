@@ -248,8 +248,9 @@ class DeepOptimizer(torch.optim.Optimizer):
                 return loss
             with_grad = [p for p in params if p.grad is not None]
             look, ortho = self.looksam, None
-            if look is not None and not look.exact_now() and len(look.ortho) == len(with_grad):
-                reuse_([p.grad for p in with_grad], look.ortho, look.alpha)  # one pass only
+            if look is not None and not look.exact_now() and (look.alpha == 0 or len(look.ortho) == len(with_grad)):
+                if look.alpha > 0:  # one pass only; alpha 0 keeps the plain gradient
+                    reuse_([p.grad for p in with_grad], look.ortho, look.alpha)
             else:
                 ortho = self._sam_second_pass(closure, with_grad)
         finally:
@@ -272,7 +273,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in with_grad]
         rho = warmed_up(self.settings.sam_rho, self.steps, self.settings.sam_warmup)
         e = perturbation(grads, rho, weights=with_grad if self.settings.adaptive else None)
-        clean = [g.clone() for g in grads] if self.looksam is not None else None
+        clean = [g.clone() for g in grads] if self.looksam is not None and self.looksam.alpha > 0 else None
         buffers = self._buffers()
         saved_buffers = [b.clone() for b in buffers]
         try:

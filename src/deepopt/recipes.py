@@ -40,7 +40,7 @@ class Settings:
         sam_every: run the two SAM passes every ``k``-th step only; the steps between
             take one pass and reuse SAM's last sharpness direction (LookSAM).
         sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain
-            gradient between the SAM steps). Measured unstable with SGD momentum at
+            gradient between the SAM steps: periodic SAM, cost ``1 + 1/k``). Measured unstable with SGD momentum at
             alpha 0.7 (BENCHMARKS.md, section 1).
         lookahead_k: Lookahead slow/fast weights, sync every ``k`` steps; 0 turns it off.
         lookahead_alpha: Lookahead's step of the slow weights towards the fast, in (0, 1].

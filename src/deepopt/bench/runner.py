@@ -49,6 +49,10 @@ MECHANISMS: dict[str, dict | None] = {
     "sam-0.05": {"recipe": "thorough", "sam_rho": 0.05, "closure": True},
     "sam-0.02": {"recipe": "thorough", "sam_rho": 0.02, "closure": True},
     "sam-0.05-warm": {"recipe": "thorough", "sam_rho": 0.05, "sam_warmup": 1000, "closure": True},
+    # periodic SAM: two passes every k-th step, plain gradient between (cost 1 + 1/k)
+    "psam-10": {"recipe": "thorough", "sam_every": 10, "sam_reuse": 0.0, "closure": True},
+    "psam-10-0.15": {"recipe": "thorough", "sam_rho": 0.15, "sam_every": 10, "sam_reuse": 0.0, "closure": True},
+    "psam-3": {"recipe": "thorough", "sam_every": 3, "sam_reuse": 0.0, "closure": True},
     "default": {"recipe": "default"},
     "thorough": {"recipe": "thorough", "closure": True},
 }

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deepopt
-from deepopt import cli, demo
+from deepopt import cli, demo, demo_report
 
 
 @pytest.fixture(autouse=True)
@@ -175,11 +175,11 @@ def test_cause_names_the_mechanism_that_acted():
         return {"config": {"settings": {"calibrate_threshold": 1e-3, **settings}},
                 "seeds": [{"classical": {"test_acc": [10.0], "train_loss": [2.3]}, "deepopt": rec}]}
 
-    assert "start-up calibration, alone" in demo._cause(result(True, 0))
-    assert "2.0e-04 times the first layer's" in demo._cause(result(True, 0))
-    assert "divergence guard alone, which skipped 3 steps" in demo._cause(result(False, 3))
-    assert "rho=0.05) alone" in demo._cause(result(False, 0, rho=0.05))
-    both = demo._cause(result(True, 0, average="ema"))
+    assert "start-up calibration, alone" in demo_report._cause(result(True, 0))
+    assert "2.0e-04 times the first layer's" in demo_report._cause(result(True, 0))
+    assert "divergence guard alone, which skipped 3 steps" in demo_report._cause(result(False, 3))
+    assert "rho=0.05) alone" in demo_report._cause(result(False, 0, rho=0.05))
+    both = demo_report._cause(result(True, 0, average="ema"))
     assert "several mechanisms" in both and "start-up calibration" in both and "ema" in both
 
 
@@ -193,7 +193,7 @@ def test_runs_share_init_and_data_order():
     assert pair["classical"]["train_loss"] == pair["deepopt"]["train_loss"]
     assert pair["classical"]["lr"] == pair["deepopt"]["lr"]
     result = {"seeds": [pair]}
-    assert "The two runs are identical" in "\n".join(demo._notes(result))
+    assert "The two runs are identical" in "\n".join(demo_report._notes(result))
 
 
 def test_worker_processes_give_the_single_process_results():

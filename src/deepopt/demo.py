@@ -32,22 +32,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
-import random
 import statistics
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .datasets import cache_dir, load_mnist1d
+from .demo_report import format_table, plot_curves
 
 __all__ = [
     "NETS",
@@ -91,97 +90,6 @@ WEIGHT_DECAY = 5e-4
 # 0-2: 0.005 -> 90%; 0.01 -> 81%, one seed at 64%; 0.02 collapsed to chance on one of
 # two seeds); the seed benchmark's own Net 4 rate is 0.01.
 LEARNING_RATES = {"deep": 0.005, "mlp": 0.4, "cnn": 0.2, "gru": 0.1}
-
-# Bump when the cached arrays' meaning changes, so stale caches are not reused.
-_CACHE_FORMAT = 1
-
-
-# -- data --------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Directory of the dataset cache: ``$DEEPOPT_CACHE`` if set and non-empty, else ``~/.cache/deepopt``."""
-    env = os.environ.get("DEEPOPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "deepopt"
-
-
-def _generate_mnist1d() -> dict[str, np.ndarray]:
-    """Generate MNIST-1D with the package's default arguments, offline.
-
-    ``make_dataset`` seeds NumPy's and Python's global generators itself (seed 42), so
-    the result is deterministic; the caller's global random state is restored after.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # mnist1d.utils imports pyplot; never open a window
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        raw = make_dataset(get_dataset_args())  # builds from templates, no download
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    return {
-        "x": np.ascontiguousarray(raw["x"], dtype=np.float32),
-        "y": np.ascontiguousarray(raw["y"], dtype=np.int64),
-        "x_test": np.ascontiguousarray(raw["x_test"], dtype=np.float32),
-        "y_test": np.ascontiguousarray(raw["y_test"], dtype=np.int64),
-    }
-
-
-def _cache_key() -> str:
-    from mnist1d.data import get_dataset_args
-
-    args = get_dataset_args(as_dict=True)
-    args.pop("url", None)
-    text = json.dumps({"format": _CACHE_FORMAT, "args": args}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _valid(arrays: dict[str, np.ndarray]) -> bool:
-    try:
-        x, y, xt, yt = arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]
-    except KeyError:
-        return False
-    return (
-        x.ndim == 2 and xt.ndim == 2 and x.shape[1] == xt.shape[1]
-        and len(x) == len(y) and len(xt) == len(yt) and len(x) > 0
-        and bool(np.isfinite(x).all()) and bool(np.isfinite(xt).all())
-    )
-
-
-def load_mnist1d(cache: str | os.PathLike[str] | None = None) -> dict[str, Tensor]:
-    """MNIST-1D as tensors, generated offline on first use and cached as ``.npz``.
-
-    Args:
-        cache: cache directory; default :func:`cache_dir`. A missing, unreadable or
-            malformed cache file is regenerated (atomically replaced).
-
-    Returns:
-        ``{"x": float32 4000x40, "y": int64 4000, "x_test": float32 1000x40,
-        "y_test": int64 1000}`` with the package's default arguments.
-    """
-    cdir = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = cdir / f"mnist1d-{_cache_key()}.npz"
-    arrays: dict[str, np.ndarray] | None = None
-    if path.is_file():
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError):
-            arrays = None
-        if arrays is not None and not _valid(arrays):
-            arrays = None
-    if arrays is None:
-        arrays = _generate_mnist1d()
-        try:
-            cdir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache only costs regeneration next time
-    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-
 
 # -- networks ----------------------------------------------------------------------------
 class ConvNet(nn.Module):
@@ -675,181 +583,6 @@ def run_demo(
         "seeds": [{"seed": s, **r} for s, r in zip(range(seed, seed + seeds), per_seed)],
         "summary": _summarise(per_seed),
     }
-
-
-# -- output ------------------------------------------------------------------------------
-def _fmt(stat: dict[str, float], n: int, signed: bool = False, digits: int = 2) -> str:
-    sign = "+" if signed else ""
-    text = f"{stat['mean']:{sign}.{digits}f}"
-    if n > 1:
-        text += f" ± {stat['std']:.{digits}f}"
-    return text
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The side-by-side comparison table of a :func:`run_demo` result, as text."""
-    cfg, summ = result["config"], result["summary"]
-    n = len(cfg["seeds"])
-    recipe = cfg["recipe"] + "".join(f", {k}={v!r}" for k, v in cfg["overrides"].items())
-    seeds = f"{n} seed{'s' if n > 1 else ''}" + (" (mean ± std; difference paired per seed)" if n > 1 else "")
-    rows = [
-        ("final test accuracy (%)", summ["final_test_acc"], True),
-        ("max test accuracy (%) (test-selected)", summ["max_test_acc"], True),
-        ("train time (s)", summ["train_seconds"], False),
-    ]
-    header = ("", "classical", "deepopt", "difference")
-    body = [
-        (label, _fmt(s["classical"], n), _fmt(s["deepopt"], n), _fmt(s["difference"], n, signed=True) if diff else "")
-        for label, s, diff in rows
-    ]
-    body.append(("overhead ratio (deepopt / classical time)", "", f"{summ['overhead_ratio']:.2f}x", ""))
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(4)]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
-
-    title = (
-        f"MNIST-1D, {cfg['net']}, {cfg['epochs']} epochs, {seeds}, recipe {recipe}\n"
-        f"train {cfg['train_size']} / test {cfg['test_size']} examples, SGD lr {cfg['optimizer']['lr']:g} "
-        f"momentum {MOMENTUM:g}, batch {cfg['batch_size']}, LR /10 at epochs {cfg['lr_milestones']}"
-    )
-    rule = "-" * len(line(header))
-    notes = [textwrap.fill(n, width=max(len(rule), 80)) for n in _notes(result)]
-    return "\n".join([title, rule, line(header), rule, *map(line, body), rule, *notes])
-
-
-def _notes(result: dict[str, Any]) -> list[str]:
-    runs = result["seeds"]
-    n = len(runs)
-    calibrated = sum(bool(s["deepopt"].get("calibrated")) for s in runs)
-    skipped = sum(int(s["deepopt"].get("skipped_steps", 0)) for s in runs)
-    notes = [
-        f"deepopt: start-up calibration applied in {calibrated} of {n} run{'s' if n > 1 else ''}, "
-        f"{skipped} step{'s' if skipped != 1 else ''} skipped by the divergence guard."
-    ]
-    same = all(
-        s["classical"][k] == s["deepopt"][k] for s in runs for k in ("test_acc", "train_loss")
-    )
-    if same:
-        notes.append(
-            "The two runs are identical: with these settings deepopt changed nothing in this "
-            "network's training (no calibration was needed, no step was skipped). Other "
-            "mechanisms are opt-in, e.g. --set rho=0.05 or --set average=ema."
-        )
-        return notes
-    cause = _cause(result)
-    if cause:
-        notes.append(cause)
-    return notes
-
-
-def _per_step_mechanisms(settings: dict[str, Any]) -> list[str]:
-    """The mechanisms besides calibration and the guard that ``settings`` switch on."""
-    on = []
-    if settings.get("rho", 0) > 0:
-        on.append(f"the momentum-direction perturbation (rho={settings['rho']:g})")
-    if settings.get("noise", 0) > 0:
-        on.append(f"random weight perturbation (noise={settings['noise']:g})")
-    if settings.get("sam_rho", 0) > 0:
-        every = settings.get("sam_every", 1)
-        kind = "exact two-pass SAM" if every == 1 else f"LookSAM (two passes every {every} steps)"
-        on.append(f"{kind} (sam_rho={settings['sam_rho']:g})")
-    if settings.get("lookahead_k", 0):
-        on.append(f"Lookahead (k={settings['lookahead_k']})")
-    if settings.get("average"):
-        on.append(f"weight averaging ({settings['average']}) for evaluation")
-    return on
-
-
-def _cause(result: dict[str, Any]) -> str:
-    """One plain sentence or two on which deepopt mechanism made the runs differ."""
-    runs = result["seeds"]
-    n = len(runs)
-    settings = result["config"].get("settings", {})
-    cal = [s["deepopt"] for s in runs if s["deepopt"].get("calibrated")]
-    skipped = sum(int(s["deepopt"].get("skipped_steps", 0)) for s in runs)
-    others = _per_step_mechanisms(settings)
-    causes = (["start-up calibration"] if cal else []) + (["the divergence guard"] if skipped else []) + others
-    if len(causes) > 1:
-        return (
-            f"What made the difference: several mechanisms acted ({', '.join(causes)}); this "
-            "comparison does not separate their effects (switch one off with --set, e.g. "
-            "--set calibrate=false)."
-        )
-    if skipped:
-        return (
-            f"What made the difference: the divergence guard alone, which skipped {skipped} "
-            f"step{'s' if skipped != 1 else ''} whose gradients were not finite (the classical "
-            "run applied them); start-up calibration did not act."
-        )
-    if others:
-        return (
-            f"What made the difference: {others[0]} alone (start-up calibration did not act and "
-            "the divergence guard skipped no step)."
-        )
-    if not cal:
-        return ""
-    ratios = sorted(r["signal_ratio"] for r in cal if isinstance(r.get("signal_ratio"), float))
-    where = "" if len(cal) == n else f" (it acted in {len(cal)} of {n} runs; where it did not, both runs are the same)"
-    measured = ""
-    if ratios:
-        span = f"{ratios[0]:.1e}" if ratios[0] == ratios[-1] else f"{ratios[0]:.1e} to {ratios[-1]:.1e}"
-        threshold = settings.get("calibrate_threshold", 1e-3)
-        if ratios[-1] < 1 or ratios[0] > 1:
-            measured = (
-                f" At the initial weights the signal vanished through depth: some layer's output "
-                f"std was {span} times the first layer's (below the {threshold:g} threshold), so "
-                "the gradients vanish with it and classical SGD makes little or no progress."
-            )
-        if ratios[0] > 1:
-            measured = (
-                f" At the initial weights the signal exploded through depth: some layer's output "
-                f"std was {span} times the first layer's (above the {1 / threshold:g} limit)."
-            )
-    return (
-        f"What made the difference: start-up calibration, alone{where}; the divergence guard "
-        f"skipped no step and no other mechanism is on.{measured} deepopt rescaled each "
-        "layer's weights once, on the first batch, to unit output std (LSUV); after that both "
-        "runs use the very same SGD loop."
-    )
-
-
-def plot_curves(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a PNG of the test-accuracy curves of both runs (mean and min-max over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = result["config"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, colour, style, width in (("classical", "tab:gray", "-", 3.0), ("deepopt", "tab:blue", "--", 1.6)):
-        curves = np.array([s[name]["test_acc"] for s in result["seeds"]])
-        epochs = np.arange(1, curves.shape[1] + 1)
-        label = f"{name} (final {curves[:, -1].mean():.1f}%)"
-        ax.plot(epochs, curves.mean(0), color=colour, ls=style, lw=width, label=label)
-        if len(curves) > 1:
-            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colour, alpha=0.2, lw=0)
-    for m in cfg["lr_milestones"]:
-        if m < cfg["epochs"]:
-            ax.axvline(m + 0.5, color="k", ls=":", lw=0.8)
-    n = len(result["seeds"])
-    recipe = cfg["recipe"] + "".join(f", {k}={v!r}" for k, v in cfg["overrides"].items())
-    ax.set_title(
-        f"MNIST-1D {cfg['net']}: test accuracy, deepopt recipe {recipe}"
-        + (f"\n{n} seeds: mean, band min-max" if n > 1 else ""),
-        fontsize=10,
-    )
-    ax.set_xlabel("epoch (dotted: LR / 10)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 # -- command line ------------------------------------------------------------------------

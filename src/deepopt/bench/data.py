@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepopt.datasets import cache_dir
+
 __all__ = [
     "CLASSES",
     "cache_dir",
@@ -77,17 +79,6 @@ _LAYOUTS = (
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def cache_dir() -> Path:
-    """Directory of the decoded-data cache.
-
-    Returns:
-        ``$DEEPOPT_CACHE`` if that environment variable is set and non-empty,
-        else ``~/.cache/deepopt``. The directory is not created here.
-    """
-    env = os.environ.get("DEEPOPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "deepopt"
 
 
 def load_cifar10(

@@ -316,6 +316,33 @@ def test_report_keeps_the_ablation_table(tmp_path: Path, monkeypatch: pytest.Mon
     assert report.table(rows) in out and "paired diff vs deepopt" not in out
 
 
+def test_budget_table_pairs_within_a_file_and_prefers_more_seeds(tmp_path: Path, monkeypatch) -> None:
+    def rows(mech: str, epochs: int, gains: list[float], **extra) -> list[dict]:
+        out = []
+        for seed, gain in enumerate(gains):
+            for name, acc in (("classical", 50.0 + seed), (mech, 50.0 + seed + gain)):
+                out.append({"net": 6, "mechanism": {"name": name}, "seed": seed, "epochs": epochs,
+                            "final_test_acc": acc, "max_test_acc": acc, "test_acc": [acc],
+                            "sec_per_epoch": 1.0, **extra})
+        return out
+
+    files = {
+        "a": rows("sam", 20, [1.0]) + rows("sam", 100, [5.0]) + rows("ema", 20, [1.0], evaluated_on="validation"),
+        "b": rows("sam", 100, [2.0, 4.0]) + rows("ema", 100, [1.0]),
+    }
+    table = report.budget_table(files)
+    assert "| 6 | sam | +1.00 (1 seed, a) | +3.00 ± 12.71 (2 seeds, b) |" in table
+    assert "ema" not in table  # its 20-epoch rows are validation rows: one test budget only
+    assert report.budget_table({"a": rows("sam", 20, [1.0])}) == ""
+    for stem, r in files.items():
+        (tmp_path / f"{stem}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    paths = [str(tmp_path / f"{stem}.jsonl") for stem in files]
+    assert report.main([*paths, "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    assert "<!-- BEGIN ablation-budgets -->" in md.read_text() and table in md.read_text()
+
+
 def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_path, monkeypatch) -> None:
     import deepopt.bench.data as data_mod
     import deepopt.bench.train as train_mod

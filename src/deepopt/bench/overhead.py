@@ -28,17 +28,17 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     """Median CPU milliseconds per training step, classical vs activated with ``settings``."""
     import deepopt
     from deepopt.bench.nets import build_net
-    from deepopt.demo import _needs_closure
+    from deepopt.recipes import resolve
 
     from .train import LR, MOMENTUM, WEIGHT_DECAY
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64 * block, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (64 * block,), generator=g)
-    settings = dict(settings)
+    overrides = {k: v for k, v in settings.items() if k != "recipe"}
     # Exact SAM runs only through step(closure); both arms take that form so that the
     # ratio prices the second pass (for plain SGD it is the same computation).
-    closure = _needs_closure(settings.get("recipe", "default"), {k: v for k, v in settings.items() if k != "recipe"})
+    closure = resolve(settings.get("recipe", "default"), overrides).sam_rho > 0
     runs = {}
     for name in ("classical", "activated"):
         torch.manual_seed(seed)

@@ -4,10 +4,12 @@ LookSAM (Liu et al., CVPR 2022): two-pass SAM costs 2x. Every ``k``-th step runs
 keeps ``g_v``, the part of the perturbed gradient ``g_s`` orthogonal to the plain
 gradient ``g`` (the part that carries the sharpness information, and changes slowly).
 The ``k - 1`` steps between take one pass and use ``g + alpha * ||g|| / ||g_v|| * g_v``.
-Cost ``1 + 1/k`` passes per step. With ``alpha = 0`` the steps between take the plain
-gradient and nothing is kept: periodic SAM, the deterministic form of SS-SAM / RST (Zhao
-et al. 2022, SAM or SGD by a Bernoulli trial per step). The update rule of the user's optimizer is untouched;
+Cost ``1 + 1/k`` passes per step. The update rule of the user's optimizer is untouched;
 only the gradient it receives is evaluated closer to SAM's.
+
+With ``alpha = 0`` the steps between take the plain gradient and nothing is kept:
+periodic SAM, the deterministic form of SS-SAM / RST (Zhao et al. 2022: SAM or SGD by a
+Bernoulli trial per step).
 
 Example:
     >>> import torch

@@ -287,6 +287,13 @@ def test_report_pairs_equal_time_with_deepopt(
     assert mixed_lines[("6", "sam")].split("|")[10].strip() == "–"
     assert mixed_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # seed 0 only
     assert mixed_lines[("all nets", "sam")].split("|")[10].strip() == "1.82x"  # net 5 only
+    # CPU time, where both runs recorded it, replaces the load-inflated wall time
+    cpu = [r | {"cpu_sec_per_epoch": 3.0 if r["mode"] == "sam" and r["net"] == 5 else 1.0} for r in rows]
+    cpu_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(cpu).splitlines()}
+    assert cpu_lines[("5", "sam")].split("|")[10].strip() == "3.00x"
+    half = [r if r["mode"] == "deepopt" else r | {"cpu_sec_per_epoch": 9.0} for r in rows]
+    half_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(half).splitlines()}
+    assert half_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # deepopt's not recorded: wall time
     unknown = [{k: v for k, v in r.items() if k != "cpu"} for r in rows]  # not recorded: no pair
     assert report.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
 

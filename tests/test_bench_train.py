@@ -23,6 +23,7 @@ ROW_KEYS = {
     "max_test_acc",
     "train_loss",
     "sec_per_epoch",
+    "cpu_sec_per_epoch",
     "settings",
     "torch",
     "git_commit",
@@ -52,6 +53,7 @@ def test_row_and_determinism(tiny: tuple[torch.Tensor, ...]) -> None:
     assert (
         a["sec_per_epoch"] > 0 and a["settings"] == {} and a["threads"] == torch.get_num_threads()
     )
+    assert 0 < a["cpu_sec_per_epoch"]
     assert a["torch"] == torch.__version__
     json.dumps(a)  # a row must be plain JSON
     assert a["test_acc"] == b["test_acc"]

@@ -158,7 +158,8 @@ def seed6_table(rows: list[dict]) -> str:
     comparison) and the total training time (``sec_per_epoch x epochs``) relative to
     deepopt's, averaged over the seeds whose two runs recorded the same kind of CPU (rows'
     ``cpu`` field; rows from before it was recorded ran on different machines, so they
-    are not paired; "–" when no seed qualifies). The ``all nets`` rows give, per mode,
+    are not paired; "–" when no seed qualifies), in process CPU time where both runs
+    recorded it (``cpu_sec_per_epoch``), else in wall time. The ``all nets`` rows give, per mode,
     the mean over the nets that have both runs of the per-net mean paired difference (no
     interval: the nets differ).
     """
@@ -172,11 +173,14 @@ def seed6_table(rows: list[dict]) -> str:
 
     def time_ratio(g: list[dict], base: list[dict] | None) -> float | None:
         by_seed = {r["seed"]: r for r in base or []}
-        ratios = [
-            r["sec_per_epoch"] * r["epochs"] / (b["sec_per_epoch"] * b["epochs"])
-            for r in g
-            if (b := by_seed.get(r["seed"])) is not None and r.get("cpu") and b.get("cpu") == r["cpu"]
-        ]
+        ratios = []
+        for r in g:
+            b = by_seed.get(r["seed"])
+            if b is None or not r.get("cpu") or b.get("cpu") != r["cpu"]:
+                continue
+            # CPU time where both runs recorded it: load from other jobs inflates wall time
+            field = "cpu_sec_per_epoch" if r.get("cpu_sec_per_epoch") and b.get("cpu_sec_per_epoch") else "sec_per_epoch"
+            ratios.append(r[field] * r["epochs"] / (b[field] * b["epochs"]))
         return statistics.fmean(ratios) if ratios else None
 
     lines = [

@@ -230,7 +230,9 @@ def run(
         (percent, after each epoch, of the evaluated model: the average for
         ``swa``/``ema``), ``final_test_acc``, ``max_test_acc``; ``train_loss`` (mean
         training loss of each epoch, at the trained weights); ``sec_per_epoch`` (mean
-        training time per epoch, evaluation and ``update_bn`` excluded); ``settings``
+        training time per epoch, evaluation and ``update_bn`` excluded) and
+        ``cpu_sec_per_epoch`` (the same in process CPU time, which other jobs on the
+        machine do not inflate; over the epochs trained since the last resume); ``settings``
         (``activate_kwargs`` as given, or the mode's settings); for a deepopt run
         ``resolved`` (every deepopt setting the recipe and overrides gave); ``torch``
         (version), ``git_commit``, ``threads``, ``cpu`` (model and vector extension); and
@@ -279,6 +281,7 @@ def run(
     test_acc: list[float] = []
     train_loss: list[float] = []
     train_sec: list[float] = []
+    train_cpu_sec: list[float] = []  # process CPU time: what other jobs on the machine do not inflate
     first = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
@@ -290,13 +293,14 @@ def run(
         order.set_state(state["order"])
         torch.set_rng_state(state["rng"])
         test_acc, train_loss, train_sec = state["test_acc"], state["train_loss"], state["train_sec"]
+        train_cpu_sec = state.get("train_cpu_sec", [])  # absent from checkpoints of older versions
         first = len(test_acc)
     n = len(x_train)
     bar = tqdm(range(first, n_epochs), desc=f"net{net} {mode} s{seed}", disable=not progress,
                initial=first, total=n_epochs)
     for epoch in bar:
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(n, generator=order)
         loss_sum = 0.0
         for i in range(0, n, BATCH_SIZE):
@@ -322,6 +326,7 @@ def run(
         elif kind == "ema":
             evaluated = averaged  # type: ignore[assignment]
         train_sec.append(time.perf_counter() - t0)
+        train_cpu_sec.append(time.process_time() - c0)
         if kind == "swa" and evaluated is averaged:
             # BatchNorm statistics of the averaged weights, as SWA's recipe does before
             # using them (a no-op for the BN-free seed nets; kept for fidelity). Not
@@ -340,6 +345,7 @@ def run(
                 "averaged": None if averaged is None else averaged.state_dict(),
                 "order": order.get_state(), "rng": torch.get_rng_state(),
                 "test_acc": test_acc, "train_loss": train_loss, "train_sec": train_sec,
+                "train_cpu_sec": train_cpu_sec,
             })
     bar.close()
 
@@ -353,6 +359,7 @@ def run(
         "max_test_acc": max(test_acc),
         "train_loss": train_loss,
         "sec_per_epoch": sum(train_sec) / len(train_sec),
+        "cpu_sec_per_epoch": sum(train_cpu_sec) / len(train_cpu_sec) if train_cpu_sec else None,
         "settings": settings,
         "torch": torch.__version__,
         "git_commit": _git_commit(),

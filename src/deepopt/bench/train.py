@@ -232,7 +232,8 @@ def run(
         training loss of each epoch, at the trained weights); ``sec_per_epoch`` (mean
         training time per epoch, evaluation and ``update_bn`` excluded) and
         ``cpu_sec_per_epoch`` (the same in process CPU time, which other jobs on the
-        machine do not inflate; over the epochs trained since the last resume); ``settings``
+        machine do not inflate; kept in the checkpoint, so it spans resumes, except epochs
+        from a checkpoint written before the field existed); ``settings``
         (``activate_kwargs`` as given, or the mode's settings); for a deepopt run
         ``resolved`` (every deepopt setting the recipe and overrides gave); ``torch``
         (version), ``git_commit``, ``threads``, ``cpu`` (model and vector extension); and

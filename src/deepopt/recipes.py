@@ -135,8 +135,8 @@ RECIPES: dict[str, Settings] = {
     # Its radius ramps up over the first 1,000 steps: at full radius from step 0, SAM left
     # the seed's 13-layer MLP at chance on 2 of 3 seeds (its last hidden layer died while
     # the loss was still on its initial plateau); with the ramp all three train. Within
-    # noise at 20 epochs; at 100 epochs, where SGD overfits, +1.70 points on that net
-    # (3 seeds) and +0.55 on the seed's net 5 (2 seeds: +1.02, +0.08).
+    # noise at 20 epochs; at 100 epochs, where SGD overfits, +1.81 points on that net
+    # (4 seeds) and +0.55 on the seed's net 5 (2 seeds: +1.02, +0.08).
     "thorough": Settings(sam_rho=0.05, sam_warmup=1000),
     # The safety nets only; stays so when the default grows (A/B of other mechanisms).
     "safe": Settings(),

@@ -99,3 +99,35 @@ def test_reuse_zero_is_periodic_sam_with_plain_gradients_between():
     nn.functional.cross_entropy(model(x), y).backward()
     for a, p in zip(grads[1], model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_sam_lr_fraction_runs_sam_until_the_lr_drops_then_one_plain_pass():
+    # Two steps at lr 0.1 (SAM: 2 passes each), then the LR drops to 0.01: 1 pass per step,
+    # and that step's update is the plain gradient's (the same step taken by the base SGD).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = deepopt.activate(model, base, recipe="thorough", guard=False, sam_warmup=0,
+                                  sam_lr_fraction=1.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    passes = []
+    for _ in range(4):
+        before = [p.detach().clone() for p in model.parameters()]
+        n = len(calls)
+        opt.step(closure)
+        sched.step()
+        passes.append(len(calls) - n)
+    assert passes == [2, 2, 1, 1]
+    # the last step: w_new = w_old - 0.01 * (plain gradient at w_old, still in .grad)
+    for p, w in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), w - 0.01 * p.grad)

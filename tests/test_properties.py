@@ -84,6 +84,7 @@ VALID = {
     "average_every": [1, 3],
     "sam_every": [1, 3],
     "sam_warmup": [0, 3],
+    "sam_lr_fraction": [0.0, 0.5, 1.0],
     "guard": [False, True],
 }
 INVALID = {
@@ -96,6 +97,7 @@ INVALID = {
     "sam_every": [0, 1.5, False],
     "sam_warmup": [-1, 2.5, True],
     "sam_reuse": [math.nan],
+    "sam_lr_fraction": [-0.1, 1.5, math.nan],
     "average_restart": ["yes"],
     "average_every": [0, 2.0],
     "guard": ["yes", 1, None],

@@ -197,8 +197,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
         self._params_stale = True  # requires_grad may have changed since the last step
         if closure is not None and self.settings.sam_rho > 0:
-            return self._two_pass_step(closure, **kwargs)
-        if self.settings.sam_rho > 0 and not self._warned_no_closure:
+            if self._sam_lr_reached():
+                return self._two_pass_step(closure, **kwargs)
+        elif self.settings.sam_rho > 0 and not self._warned_no_closure:
             self._warned_no_closure = True
             warnings.warn(
                 f"sam_rho={self.settings.sam_rho} (two-pass SAM) acts only through "
@@ -235,6 +236,11 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._params_stale = True
         self._show("train")
         return self._finite(loss)
+
+    def _sam_lr_reached(self) -> bool:
+        """Whether the LR is high enough for SAM (``sam_lr_fraction`` of the largest so far)."""
+        lr = float(self.param_groups[0]["lr"])
+        return lr >= self.settings.sam_lr_fraction * max(self._max_lr, lr)
 
     def _two_pass_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         params = self._params()

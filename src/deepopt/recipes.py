@@ -37,6 +37,10 @@ class Settings:
             ``k`` steps (0 = full radius from the first step). A full radius while the
             loss is still on its initial plateau killed the last hidden layer of the
             seed's 13-layer MLP on 2 of 3 seeds (BENCHMARKS.md, section 1).
+        sam_lr_fraction: run the two SAM passes only while the learning rate is at least
+            this fraction of the largest seen so far (1.0 = until the first LR drop,
+            0 = always); below it ``step(closure)`` takes one plain pass, so under the
+            seed's schedule (drops at 30/60/80%) 1.0 costs about 1.3x instead of 2x.
         sam_every: run the two SAM passes every ``k``-th step only; the steps between
             take one pass and reuse SAM's last sharpness direction (LookSAM).
         sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain
@@ -66,6 +70,7 @@ class Settings:
     noise: float = 0.0
     sam_rho: float = 0.0
     sam_warmup: int = 0
+    sam_lr_fraction: float = 0.0
     sam_every: int = 1
     sam_reuse: float = 0.7
     lookahead_k: int = 0
@@ -85,7 +90,8 @@ class Settings:
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
-        for name in ("rho", "noise", "sam_rho", "sam_reuse", "lookahead_alpha", "ema_decay", "calibrate_threshold"):
+        for name in ("rho", "noise", "sam_rho", "sam_lr_fraction", "sam_reuse", "lookahead_alpha", "ema_decay",
+                     "calibrate_threshold"):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
@@ -100,6 +106,10 @@ class Settings:
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {low}{note}.")
+        if not 0.0 <= self.sam_lr_fraction <= 1.0:
+            raise ValueError(
+                f"sam_lr_fraction={self.sam_lr_fraction!r} is invalid: it must lie in [0, 1] (0 = SAM at every LR)."
+            )
         if not 0.0 < self.lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
         if not 0.0 <= self.ema_decay < 1.0:

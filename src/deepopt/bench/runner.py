@@ -49,6 +49,8 @@ MECHANISMS: dict[str, dict | None] = {
     "sam-0.05": {"recipe": "thorough", "sam_rho": 0.05, "closure": True},
     "sam-0.02": {"recipe": "thorough", "sam_rho": 0.02, "closure": True},
     "sam-0.05-warm": {"recipe": "thorough", "sam_rho": 0.05, "sam_warmup": 1000, "closure": True},
+    # SAM only until the first LR drop (cost ~1.3x under the 30/60/80% schedule)
+    "sam-0.05-warm-high": {"recipe": "thorough", "sam_lr_fraction": 1.0, "closure": True},
     # periodic SAM: two passes every k-th step, plain gradient between (cost 1 + 1/k)
     "psam-10": {"recipe": "thorough", "sam_every": 10, "sam_reuse": 0.0, "closure": True},
     "psam-10-0.15": {"recipe": "thorough", "sam_rho": 0.15, "sam_every": 10, "sam_reuse": 0.0, "closure": True},

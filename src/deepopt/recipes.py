@@ -40,7 +40,9 @@ class Settings:
         sam_lr_fraction: run the two SAM passes only while the learning rate is at least
             this fraction of the largest seen so far (1.0 = until the first LR drop,
             0 = always); below it ``step(closure)`` takes one plain pass, so under the
-            seed's schedule (drops at 30/60/80%) 1.0 costs about 1.3x instead of 2x.
+            seed's schedule (drops at 30/60/80%) 1.0 costs about 1.3x instead of 2x. Measured
+            to keep none of SAM's 100-epoch gain on the seed's net 6, which is made at the
+            low LR (BENCHMARKS.md, section 1).
         sam_every: run the two SAM passes every ``k``-th step only; the steps between
             take one pass and reuse SAM's last sharpness direction (LookSAM).
         sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain

@@ -34,10 +34,11 @@ def test_reuse_adds_alpha_times_grad_norm_along_unit_orthogonal():
     assert torch.equal(z[0], torch.tensor([1.0]))
 
 
-def _train(settings: dict, steps: int):
+def _activated(settings: dict, momentum: float = 0.9):
+    """A small activated model, its data and a closure that counts its calls."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
                                   recipe="thorough", guard=False, sam_warmup=0, **settings)
     x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
     calls = []
@@ -49,6 +50,11 @@ def _train(settings: dict, steps: int):
         loss.backward()
         return loss
 
+    return model, opt, closure, calls, (x, y)
+
+
+def _train(settings: dict, steps: int):
+    model, opt, closure, calls, (x, y) = _activated(settings)
     grads = []
     for _ in range(steps):
         opt.step(closure)
@@ -104,22 +110,8 @@ def test_reuse_zero_is_periodic_sam_with_plain_gradients_between():
 def test_sam_lr_fraction_runs_sam_until_the_lr_drops_then_one_plain_pass():
     # Two steps at lr 0.1 (SAM: 2 passes each), then the LR drops to 0.01: 1 pass per step,
     # and that step's update is the plain gradient's (the same step taken by the base SGD).
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = deepopt.activate(model, base, recipe="thorough", guard=False, sam_warmup=0,
-                                  sam_lr_fraction=1.0)
+    model, opt, closure, calls, _ = _activated({"sam_lr_fraction": 1.0}, momentum=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
-    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
-    calls = []
-
-    def closure():
-        calls.append(1)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
     passes = []
     for _ in range(4):
         before = [p.detach().clone() for p in model.parameters()]

@@ -123,3 +123,24 @@ def test_sam_lr_fraction_runs_sam_until_the_lr_drops_then_one_plain_pass():
     # the last step: w_new = w_old - 0.01 * (plain gradient at w_old, still in .grad)
     for p, w in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), w - 0.01 * p.grad)
+
+
+def test_sam_lr_ceiling_runs_one_plain_pass_until_the_lr_drops_then_sam():
+    # The mirror: lr 0.1 is the largest so far, above the ceiling 0.5 x 0.1 -> one plain pass
+    # per step; after the drop to 0.01 SAM's two passes.
+    model, opt, closure, calls, _ = _activated({"sam_lr_ceiling": 0.5}, momentum=0.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+    passes = []
+    for _ in range(4):
+        n = len(calls)
+        opt.step(closure)
+        sched.step()
+        passes.append(len(calls) - n)
+    assert passes == [1, 1, 2, 2]
+
+
+def test_an_empty_sam_lr_range_is_refused_naming_both_settings():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="sam_lr_fraction=1.0 > sam_lr_ceiling=0.5"):
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), sam_lr_fraction=1.0,
+                         sam_lr_ceiling=0.5)

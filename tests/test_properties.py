@@ -85,6 +85,7 @@ VALID = {
     "sam_every": [1, 3],
     "sam_warmup": [0, 3],
     "sam_lr_fraction": [0.0, 0.5, 1.0],
+    "sam_lr_ceiling": [0.05, 0.5, 1.0],
     "guard": [False, True],
 }
 INVALID = {
@@ -98,6 +99,7 @@ INVALID = {
     "sam_warmup": [-1, 2.5, True],
     "sam_reuse": [math.nan],
     "sam_lr_fraction": [-0.1, 1.5, math.nan],
+    "sam_lr_ceiling": [0.0, 1.5, math.nan],
     "average_restart": ["yes"],
     "average_every": [0, 2.0],
     "guard": ["yes", 1, None],
@@ -160,6 +162,8 @@ def cases(draw, family: str) -> Case:
     # choices favour the first option of every list, which would leave whole corners untested).
     rng = random.Random(f"{family}-{draw(st.integers(0, 2**32 - 1))}")
     overrides = {k: rng.choice(v) for k, v in VALID.items() if rng.random() < 0.5}
+    if overrides.get("sam_lr_fraction", 0.0) > overrides.get("sam_lr_ceiling", 1.0):
+        del overrides["sam_lr_ceiling"]  # an empty LR range is refused (tested in INVALID's way below)
     recipe = rng.choice(["default", "safe", "thorough"])
     invalid = None
     if rng.random() < 0.125:  # now and then: a bad argument

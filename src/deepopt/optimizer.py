@@ -197,7 +197,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
         self._params_stale = True  # requires_grad may have changed since the last step
         if closure is not None and self.settings.sam_rho > 0:
-            if self._sam_lr_reached():
+            if self._sam_lr_in_range():
                 return self._two_pass_step(closure, **kwargs)
         elif self.settings.sam_rho > 0 and not self._warned_no_closure:
             self._warned_no_closure = True
@@ -237,10 +237,14 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._show("train")
         return self._finite(loss)
 
-    def _sam_lr_reached(self) -> bool:
-        """Whether the LR is high enough for SAM (``sam_lr_fraction`` of the largest so far)."""
+    def _sam_lr_in_range(self) -> bool:
+        """Whether the LR, as a fraction of the largest so far, lies where SAM runs.
+
+        That is ``[sam_lr_fraction, sam_lr_ceiling]``; the default ``[0, 1]`` is every LR.
+        """
         lr = float(self.param_groups[0]["lr"])
-        return lr >= self.settings.sam_lr_fraction * max(self._max_lr, lr)
+        max_lr = max(self._max_lr, lr)
+        return self.settings.sam_lr_fraction * max_lr <= lr <= self.settings.sam_lr_ceiling * max_lr
 
     def _two_pass_step(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         params = self._params()

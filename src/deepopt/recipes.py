@@ -43,6 +43,11 @@ class Settings:
             seed's schedule (drops at 30/60/80%) 1.0 costs about 1.3x instead of 2x. Measured
             to keep none of SAM's 100-epoch gain on the seed's net 6, which is made at the
             low LR (BENCHMARKS.md, section 1).
+        sam_lr_ceiling: run the two SAM passes only while the learning rate is at most
+            this fraction of the largest seen so far (1.0 = always; 0.5 = after the first
+            drop by 2x or more; 0.005 = the seed's last phase, after its third /10 drop,
+            about 1.2x); above it ``step(closure)`` takes one plain pass. SAM late in
+            training only, the mirror of ``sam_lr_fraction``.
         sam_every: run the two SAM passes every ``k``-th step only; the steps between
             take one pass and reuse SAM's last sharpness direction (LookSAM).
         sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain
@@ -73,6 +78,7 @@ class Settings:
     sam_rho: float = 0.0
     sam_warmup: int = 0
     sam_lr_fraction: float = 0.0
+    sam_lr_ceiling: float = 1.0
     sam_every: int = 1
     sam_reuse: float = 0.7
     lookahead_k: int = 0
@@ -92,7 +98,7 @@ class Settings:
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
-        for name in ("rho", "noise", "sam_rho", "sam_lr_fraction", "sam_reuse", "lookahead_alpha", "ema_decay",
+        for name in ("rho", "noise", "sam_rho", "sam_lr_fraction", "sam_lr_ceiling", "sam_reuse", "lookahead_alpha", "ema_decay",
                      "calibrate_threshold"):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -111,6 +117,15 @@ class Settings:
         if not 0.0 <= self.sam_lr_fraction <= 1.0:
             raise ValueError(
                 f"sam_lr_fraction={self.sam_lr_fraction!r} is invalid: it must lie in [0, 1] (0 = SAM at every LR)."
+            )
+        if not 0.0 < self.sam_lr_ceiling <= 1.0:
+            raise ValueError(
+                f"sam_lr_ceiling={self.sam_lr_ceiling!r} is invalid: it must lie in (0, 1] (1 = SAM at every LR)."
+            )
+        if self.sam_lr_fraction > self.sam_lr_ceiling:
+            raise ValueError(
+                f"sam_lr_fraction={self.sam_lr_fraction!r} > sam_lr_ceiling={self.sam_lr_ceiling!r} leaves no LR "
+                "at which SAM runs: SAM runs while lr / max lr lies in [sam_lr_fraction, sam_lr_ceiling]."
             )
         if not 0.0 < self.lookahead_alpha <= 1.0:
             raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")

@@ -51,6 +51,9 @@ MECHANISMS: dict[str, dict | None] = {
     "sam-0.05-warm": {"recipe": "thorough", "sam_rho": 0.05, "sam_warmup": 1000, "closure": True},
     # SAM only until the first LR drop (cost ~1.3x under the 30/60/80% schedule)
     "sam-0.05-warm-high": {"recipe": "thorough", "sam_lr_fraction": 1.0, "closure": True},
+    # SAM late only: after the 2nd / the 3rd LR drop (~1.4x / ~1.2x under 30/60/80%)
+    "sam-0.05-late-0.05": {"recipe": "thorough", "sam_lr_ceiling": 0.05, "closure": True},
+    "sam-0.05-late-0.005": {"recipe": "thorough", "sam_lr_ceiling": 0.005, "closure": True},
     # periodic SAM: two passes every k-th step, plain gradient between (cost 1 + 1/k)
     "psam-10": {"recipe": "thorough", "sam_every": 10, "sam_reuse": 0.0, "closure": True},
     "psam-10-0.15": {"recipe": "thorough", "sam_rho": 0.15, "sam_every": 10, "sam_reuse": 0.0, "closure": True},

@@ -47,7 +47,9 @@ class Settings:
             this fraction of the largest seen so far (1.0 = always; 0.5 = after the first
             drop by 2x or more; 0.005 = the seed's last phase, after its third /10 drop,
             about 1.2x); above it ``step(closure)`` takes one plain pass. SAM late in
-            training only, the mirror of ``sam_lr_fraction``.
+            training only, the mirror of ``sam_lr_fraction``. Measured to keep at most
+            part of SAM's 100-epoch gain on the seed's net 6 in any one LR phase
+            (BENCHMARKS.md, section 1).
         sam_every: run the two SAM passes every ``k``-th step only; the steps between
             take one pass and reuse SAM's last sharpness direction (LookSAM).
         sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain

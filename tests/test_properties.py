@@ -163,7 +163,7 @@ def cases(draw, family: str) -> Case:
     rng = random.Random(f"{family}-{draw(st.integers(0, 2**32 - 1))}")
     overrides = {k: rng.choice(v) for k, v in VALID.items() if rng.random() < 0.5}
     if overrides.get("sam_lr_fraction", 0.0) > overrides.get("sam_lr_ceiling", 1.0):
-        del overrides["sam_lr_ceiling"]  # an empty LR range is refused (tested in INVALID's way below)
+        del overrides["sam_lr_ceiling"]  # an empty SAM LR range is refused (tests/test_looksam.py)
     recipe = rng.choice(["default", "safe", "thorough"])
     invalid = None
     if rng.random() < 0.125:  # now and then: a bad argument

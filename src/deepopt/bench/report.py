@@ -156,9 +156,9 @@ def seed6_table(rows: list[dict]) -> str:
     Beside :func:`table`'s columns: the paired difference to ``deepopt`` (same net,
     same seeds, nominal budget; for ``sam-equal-time`` this is the equal-wall-clock
     comparison) and the total training time (``sec_per_epoch x epochs``) relative to
-    deepopt's, averaged over the seeds whose two runs recorded the same kind of CPU (rows'
-    ``cpu`` field; rows from before it was recorded ran on different machines, so they
-    are not paired; "–" when no seed qualifies), in process CPU time where both runs
+    deepopt's, averaged over the seeds whose two runs recorded the same kind of CPU and the
+    same thread count (rows' ``cpu`` and ``threads`` fields; rows from before ``cpu`` was
+    recorded ran on different machines, so they are not paired; "–" when no seed qualifies), in process CPU time where both runs
     recorded it (``cpu_sec_per_epoch``), else in wall time. The ``all nets`` rows give, per mode,
     the mean over the nets that have both runs of the per-net mean paired difference (no
     interval: the nets differ).
@@ -178,6 +178,9 @@ def seed6_table(rows: list[dict]) -> str:
             b = by_seed.get(r["seed"])
             if b is None or not r.get("cpu") or b.get("cpu") != r["cpu"]:
                 continue
+            # one thread and two spend CPU time differently (spinning, shared caches)
+            if b.get("threads") != r.get("threads"):
+                continue
             # CPU time where both runs recorded it: load from other jobs inflates wall time
             field = "cpu_sec_per_epoch" if r.get("cpu_sec_per_epoch") and b.get("cpu_sec_per_epoch") else "sec_per_epoch"
             ratios.append(r[field] * r["epochs"] / (b[field] * b["epochs"]))
@@ -186,7 +189,7 @@ def seed6_table(rows: list[dict]) -> str:
     lines = [
         "| net | mode | seeds | epochs trained | final test acc (mean ± std) "
         "| paired diff vs classical (95% CI) | paired diff vs deepopt (95% CI) "
-        "| max test acc (test-selected) | s/epoch | train time vs deepopt (same seed, same CPU) |",
+        "| max test acc (test-selected) | s/epoch | train time vs deepopt (same seed, CPU and threads) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     per_net: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

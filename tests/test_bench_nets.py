@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepopt.bench.nets import NETS, TFSamePad2d, build_net
+from deepopt.bench.nets import NETS, SeedConv2d, TFSamePad2d, build_net
 
 
 def conv(cin: int, cout: int) -> int:
@@ -143,7 +143,7 @@ def test_layer_order_and_last_layer_is_plain(n: int) -> None:
     for i, layer in enumerate(net):
         kinds = [type(m).__name__ for m in layer if not isinstance(m, TFSamePad2d | nn.Flatten)]
         last = i == len(net) - 1
-        expect = ["Conv2d" if NETS[n][i].kind == "conv" else "Linear"]
+        expect = ["SeedConv2d" if NETS[n][i].kind == "conv" else "Linear"]
         expect += ["MaxPool2d"] if NETS[n][i].pool else []
         expect += [] if last else (["Dropout"] if NETS[n][i].keep < 1 else []) + ["ReLU"]
         assert kinds == expect
@@ -191,6 +191,33 @@ def test_bias_before_pool_equals_bias_after_pool() -> None:
     # ...while Conv2d(bias=True) may add the bias inside its accumulation (oneDNN on
     # AVX2 does), which changes the last bit only.
     torch.testing.assert_close(F.max_pool2d(c(x), 2), F.max_pool2d(conv, 2) + bias)
+
+
+@pytest.mark.parametrize(
+    ("cin", "size", "stride", "padding"),
+    [
+        (6, 3, 2, 0),  # 1 x 1 output of an exactly kernel-sized input: the Linear path
+        (6, 4, 2, 0),  # 1 x 1 output, one row/col unused: unfold
+        (5, 2, 1, 1),  # 2 x 2: unfold
+        (4, 5, 2, 0),  # 2 x 2
+        (3, 8, 1, 1),  # 8 x 8: oneDNN
+    ],
+)
+def test_seed_conv_equals_conv2d(cin: int, size: int, stride: int, padding: int) -> None:
+    """Output and every gradient equal ``F.conv2d``'s up to float rounding."""
+    torch.manual_seed(0)
+    conv = SeedConv2d(cin, 7, 3, stride=stride, padding=padding)
+    nn.init.normal_(conv.bias)
+    x = torch.randn(2, cin, size, size, requires_grad=True)
+    y = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    ref_grads = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("bad", [0, 7, -1, True, "1"])

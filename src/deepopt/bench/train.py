@@ -30,6 +30,16 @@ evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs
 - oneDNN (``torch.backends.mkldnn``): disabling it makes net 1 ~4x slower (91 vs 23 ms/step,
   same load); ``deterministic=True`` costs nothing measurable (cpu 11.9 vs 12-15) and is not
   needed; ``fp32_precision="bf16"`` (cpu 11.3) changes the numerics, so not used.
+- Nets 2 and 3 (profiled 2026-11-30 on a 2 vCPU AMD EPYC with AVX2, idle, synthetic
+  batches): oneDNN's convolution backward dominates, and on the tiny maps at the end of
+  the conv stacks it is pathological (net 3's 512 -> 1024 conv on 2 x 2: 332 ms per
+  step forward + backward, 84% of the net's time in that one layer's backward).
+  :class:`~deepopt.bench.nets.SeedConv2d` computes outputs of at most 2 x 2 pixels as
+  one matrix product: net 3 519 -> 203 ms/step on one thread (131 on two), net 4
+  ~400 -> ~355, net 1 ~34 -> ~32 (the MLPs, nets 5 and 6, have no conv). Same
+  convolution, other summation order, so conv-net runs from before it (all of net 1's
+  and net 4's seed-1 pair; git commit in each row) and after it differ in the last bits;
+  both runs of every pair use one code.
 - Every configuration tried (1/2 threads, channels_last, compile) gave bit-identical
   weights for two runs of the same seed. Chosen: eager fp32, NCHW, oneDNN on (defaults);
   the thread count is the caller's and is recorded in each row.

@@ -295,11 +295,11 @@ def test_report_pairs_equal_time_with_deepopt(
     half_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(half).splitlines()}
     assert half_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # deepopt's not recorded: wall time
     unknown = [{k: v for k, v in r.items() if k != "cpu"} for r in rows]  # not recorded: no pair
+    assert report.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
     threads = [r | {"threads": 2 if r["mode"] == "sam" and r["net"] == 6 else 1} for r in rows]
     threads_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(threads).splitlines()}
     assert threads_lines[("6", "sam")].split("|")[10].strip() == "–"  # 1 thread vs 2: no pair
     assert threads_lines[("5", "sam")].split("|")[10].strip() == "1.82x"
-    assert report.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
 
     # main(): equal-time rows land in the block of their nominal budget
     path = tmp_path / "seed6.jsonl"

@@ -32,8 +32,8 @@ evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs
   needed; ``fp32_precision="bf16"`` (cpu 11.3) changes the numerics, so not used.
 - Nets 2 and 3 (profiled 2026-11-30 on a 2 vCPU AMD EPYC with AVX2, idle, synthetic
   batches): oneDNN's convolution backward dominates, and on the tiny maps at the end of
-  the conv stacks it is pathological (net 3's 512 -> 1024 conv on 2 x 2: 332 ms per
-  step forward + backward, 84% of the net's time in that one layer's backward).
+  the conv stacks it is pathological (net 3's 512 -> 1024 conv on 2 x 2: 292 ms of
+  backward and 56 of forward in a 519 ms step, two thirds of the step in that one layer).
   :class:`~deepopt.bench.nets.SeedConv2d` computes outputs of at most 2 x 2 pixels as
   one matrix product: net 3 519 -> 203 ms/step on one thread (131 on two), net 4
   ~400 -> ~355, net 1 ~34 -> ~32 (the MLPs, nets 5 and 6, have no conv). Same

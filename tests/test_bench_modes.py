@@ -419,3 +419,60 @@ def test_mnist1d_suite_refuses_bad_settings_before_training(bad, says, capsys) -
     with pytest.raises(SystemExit):
         mnist1d.main(["--settings", bad, "--out", "unused.jsonl"])
     assert says in capsys.readouterr().err
+
+
+def _fake_seed6(tmp_path, monkeypatch, on_run=None) -> list:
+    """Route runner.main to a fake trainer; returns the list of (net, mode, seed) it ran."""
+    import deepopt.bench.data as data_mod
+    import deepopt.bench.train as train_mod
+
+    monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "load_cifar10", lambda path: None)
+    seen = []
+
+    def fake_run(net, mode, seed, epochs, data, **kwargs):
+        seen.append((net, mode, seed))
+        if on_run is not None:
+            on_run(net, mode, seed)
+        return {"net": net, "mode": mode, "seed": seed, "epochs": epochs, "final_test_acc": 1.0,
+                "max_test_acc": 1.0, "sec_per_epoch": 0.1}
+
+    monkeypatch.setattr(train_mod, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    return seen
+
+
+SEED6_ARGV = ["seed6", "--data", "x", "--nets", "6", "--modes", "classical", "--seeds", "0", "1",
+              "--no-progress", "--threads", "1"]
+
+
+def test_runner_skips_a_run_another_process_holds_and_resumes_it_once_released(tmp_path, monkeypatch) -> None:
+    import fcntl
+
+    from deepopt.bench import runner
+
+    seen = _fake_seed6(tmp_path, monkeypatch)
+    lock = tmp_path / "cache/partial/seed6-net6-classical-s0-e20.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:  # another worker's claim (flock is per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert runner.main(SEED6_ARGV) == 0
+        assert seen == [(6, "classical", 1)]
+    assert runner.main(SEED6_ARGV) == 0  # released, as when its process dies
+    assert seen == [(6, "classical", 1), (6, "classical", 0)]
+    assert not list(lock.parent.glob("*.lock"))  # no lock files left behind
+    rows = [json.loads(line) for line in (tmp_path / "benchmarks/results/seed6.jsonl").open()]
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+
+
+def test_runner_skips_a_run_another_process_finished_since_it_started(tmp_path, monkeypatch) -> None:
+    from deepopt.bench import runner
+    from deepopt.bench.train import append_row
+
+    def other_worker_finishes_seed_1(net, mode, seed):
+        row = {"net": net, "mode": mode, "seed": 1, "epochs": 20, "final_test_acc": 2.0}
+        append_row(tmp_path / "benchmarks/results/seed6.jsonl", row)
+
+    seen = _fake_seed6(tmp_path, monkeypatch, on_run=other_worker_finishes_seed_1)
+    assert runner.main(SEED6_ARGV) == 0
+    assert seen == [(6, "classical", 0)]

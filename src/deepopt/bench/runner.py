@@ -1,7 +1,10 @@
 """``deepopt bench``: the seed6 benchmark and the mechanism ablation, resumable.
 
 Every finished run appends one JSON line to its results file; a restart skips the
-runs already there, so a benchmark accumulates across sessions.
+runs already there, so a benchmark accumulates across sessions. The same command started
+twice (e.g. ``--threads 1`` each on a 2-core machine) shares the work: each run is
+claimed with a file lock (``fcntl.flock``, released by the OS when its process dies), and
+a process skips the runs another one holds or has finished.
 
 Example (shell)::
 
@@ -13,7 +16,14 @@ Example (shell)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process per results file there
+    fcntl = None
 
 __all__ = ["MECHANISMS", "SEED6_MODES", "main"]
 
@@ -137,6 +147,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def claimed(lock: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking file lock on ``lock`` for the ``with`` block.
+
+    Yields False, holding nothing, if another process holds it. The OS releases the lock
+    when its holder dies, so a killed run is free to be resumed at once. The file is
+    removed on leaving the block: a process that still acquires the removed file finds
+    the run in the results file (re-read after claiming) and skips it.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> lock = Path(tempfile.mkdtemp()) / "run.lock"
+        >>> with claimed(lock) as mine:
+        ...     with claimed(lock) as theirs:
+        ...         (mine, theirs)
+        (True, False)
+    """
+    if fcntl is None:
+        yield True
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the requested suite, skipping runs already in the results file."""
     import sys
@@ -154,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .data import cache_dir, load_cifar10, validation_split
-    from .train import append_row, finished, run
+    from .train import append_row, finished
 
     torch.set_num_threads(args.threads)
     data = load_cifar10(args.data)
@@ -175,19 +219,33 @@ def main(argv: list[str] | None = None) -> int:
                 # A killed run resumes from its last finished epoch (bit-identically).
                 # Kept in the cache (outside the work tree), so a later session resumes it.
                 partial = cache_dir() / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
-                common = {"progress": not args.no_progress, "checkpoint": partial}
-                if args.suite == "ablation":
-                    kwargs = MECHANISMS[mode]
-                    row = run(net, mode, seed, args.epochs, data, activate_kwargs=kwargs, **common)
-                    row["mechanism"] = {"name": mode, "settings": kwargs}
-                    row["evaluated_on"] = "validation (5,000 held-out training images)" if held_out else "test"
-                else:  # the mode alone says what runs (train.MODES)
-                    row = run(net, mode, seed, args.epochs, data, **common)
-                append_row(args.out, row)
-                partial.unlink(missing_ok=True)
+                with claimed(partial.with_suffix(".lock")) as mine:
+                    if not mine:
+                        print(f"net {net} {mode} seed {seed}: running in another process, skipped",
+                              flush=True)
+                        continue
+                    if args.out.exists() and (net, mode, seed, args.epochs) in finished(args.out):
+                        continue  # finished by another process since this one started
+                    row = _run_one(args, net, mode, seed, data, partial)
+                    append_row(args.out, row)
+                    partial.unlink(missing_ok=True)
                 print(
                     f"net {net} {mode:>18} seed {seed}: final {row['final_test_acc']:.2f} "
                     f"max {row['max_test_acc']:.2f} ({row['sec_per_epoch']:.1f} s/epoch)",
                     flush=True,
                 )
     return 0
+
+
+def _run_one(args: argparse.Namespace, net: int, mode: str, seed: int, data: tuple, partial: Path) -> dict:
+    """One run of ``deepopt bench ablation`` or ``seed6``, as its result row."""
+    from .train import run
+
+    common = {"progress": not args.no_progress, "checkpoint": partial}
+    if args.suite == "ablation":
+        kwargs = MECHANISMS[mode]
+        row = run(net, mode, seed, args.epochs, data, activate_kwargs=kwargs, **common)
+        row["mechanism"] = {"name": mode, "settings": kwargs}
+        row["evaluated_on"] = "validation (5,000 held-out training images)" if args.validation else "test"
+        return row
+    return run(net, mode, seed, args.epochs, data, **common)  # the mode alone says what runs

@@ -38,7 +38,15 @@ def tiny() -> tuple[torch.Tensor, ...]:
     return x[:128], y[:128], x[128:], y[128:]
 
 
-def test_runner_modes_are_the_train_modes() -> None:
+def test_seed6_help_names_and_explains_every_mode(capsys) -> None:
+    from deepopt.bench.runner import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["seed6", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse re-wraps lines, even at hyphens
+    for mode, what in MODES.items():
+        assert "".join(f"{mode} = {what}".split()) in text
+    assert "--threads1" in text and "Default:benchmarks/results/seed6.jsonl" in text
     assert SEED6_MODES == tuple(MODES)
     assert set(MODES) >= {"classical", "deepopt", "deepopt-thorough", "sam", "swa", "ema"}
     assert "sam-equal-time" in MODES

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+
+from .train import MODES
 
 try:
     import fcntl
@@ -74,17 +77,16 @@ MECHANISMS: dict[str, dict | None] = {
     "thorough": {"recipe": "thorough", "closure": True},
 }
 
-#: seed6 modes (``deepopt.bench.train.MODES``, spelled out here so that ``--help`` does
-#: not import torch): deepopt's recipes and the peers a user would pick instead, plus
-#: SAM at the wall-clock of the 1x-cost deepopt run.
-SEED6_MODES = (
-    "classical",
-    "deepopt",
-    "deepopt-thorough",
-    "sam",
-    "swa",
-    "ema",
-    "sam-equal-time",
+#: seed6 modes: deepopt's recipes and the peers a user would pick instead, plus SAM at the
+#: wall-clock of the 1x-cost deepopt run (what each does: ``deepopt.bench.train.MODES``).
+SEED6_MODES = tuple(MODES)
+
+_SHARING = (
+    "Each finished run appends one JSON line to the results file, and each run checkpoints "
+    "after every epoch in ~/.cache/deepopt/partial/ ($DEEPOPT_CACHE): a restart skips "
+    "finished runs and resumes an unfinished one from its last epoch, bit for bit. On a "
+    "2-core machine start the same command twice with --threads 1: the two processes share "
+    "its runs (one file lock per run)."
 )
 
 
@@ -95,31 +97,45 @@ def _parser() -> argparse.ArgumentParser:
                    "(options: deepopt bench overhead --help)")
     sub.add_parser("mnist1d", help="MNIST-1D classical/activated pairs for MLP, CNN, GRU -> "
                    "mnist1d.jsonl (options: deepopt bench mnist1d --help)")
-    for name, help_ in (
-        ("ablation", "mechanism ablation -> ablation.jsonl"),
-        ("seed6", "the seed's six-network benchmark -> seed6.jsonl"),
+    for name, help_, description in (
+        ("ablation", "mechanism ablation -> ablation.jsonl",
+         "Train seed6 nets under the protocol with one candidate mechanism each (--mechanisms), "
+         "to find out which ones raise test accuracy; --validation chooses settings without "
+         "the test set."),
+        ("seed6", "the seed's six-network benchmark -> seed6.jsonl",
+         "The seed's benchmark (protocol/seed6.md): CIFAR-10, per-image standardization, no "
+         "augmentation, SGD momentum 0.9, weight decay 5e-4, batch 64, LR 1e-2 divided by 10 "
+         "at 30/60/80% of the budget; classical, deepopt's recipes and the peers a user would "
+         "pick instead, on the same seeds and data order. Seeds are the outermost loop."),
     ):
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(
+            name, help=help_, description=textwrap.fill(description, 88),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=textwrap.fill(_SHARING, 88) + f"\n\nexample:\n  deepopt bench {name} --data "
+            "../shared/data/cifar10-jpeg.tar --nets 6 --seeds 0 1 --threads 1",
+        )
         s.add_argument(
             "--data",
             required=True,
-            help="CIFAR-10: the tar, an ImageFolder dir or cifar-10-batches-py",
+            help="CIFAR-10: the tar, an ImageFolder dir or cifar-10-batches-py (decoded once, cached); required",
         )
         s.add_argument(
-            "--nets", type=int, nargs="+", default=[6, 5, 1], help="seed6 net numbers (1-6)"
+            "--nets", type=int, nargs="+", default=[6, 5, 1], help="seed6 net numbers (1-6). Default: %(default)s"
         )
         s.add_argument(
-            "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (init and data order)"
+            "--seeds", type=int, nargs="+", default=[0, 1, 2],
+            help="seeds: each fixes the initial weights and the data order of all its runs. "
+            "Default: %(default)s",
         )
         s.add_argument(
-            "--epochs", type=int, default=20, help="epoch budget (LR drops at 30/60/80%%)"
+            "--epochs", type=int, default=20, help="epoch budget (LR drops at 30/60/80%%). Default: %(default)s"
         )
-        s.add_argument("--threads", type=int, default=2, help="torch threads")
+        s.add_argument("--threads", type=int, default=2, help="torch threads of this process. Default: %(default)s")
         s.add_argument(
             "--out",
             type=Path,
             default=None,
-            help=f"results file (one JSON line per finished run; default benchmarks/results/{name}.jsonl)",
+            help=f"results file, one JSON line per finished run. Default: benchmarks/results/{name}.jsonl",
         )
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "ablation":
@@ -127,14 +143,16 @@ def _parser() -> argparse.ArgumentParser:
                 "--validation",
                 action="store_true",
                 help="train on 45,000 images and evaluate on 5,000 held-out training images "
-                "(for choosing settings; default output ablation-val.jsonl)",
+                "(for choosing settings; results go to ablation-val.jsonl unless --out)",
             )
             s.add_argument(
                 "--mechanisms",
                 nargs="+",
                 default=["classical", "default"],
                 choices=sorted(MECHANISMS),
-                help="candidates to run",
+                metavar="NAME",
+                help="candidates to run (names and settings: MECHANISMS in deepopt.bench.runner): "
+                + ", ".join(sorted(MECHANISMS)) + ". Default: %(default)s",
             )
         else:
             s.add_argument(
@@ -142,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                 nargs="+",
                 default=list(SEED6_MODES),
                 choices=SEED6_MODES,
-                help="modes to run",
+                metavar="MODE",
+                help="modes to run: " + "; ".join(f"{m} = {t}" for m, t in MODES.items()).replace("%", "%%")
+                + ". Default: all",
             )
     return p
 

@@ -112,7 +112,7 @@ MODES: dict[str, str] = {
     "classical": "the protocol's plain SGD loop",
     "deepopt": "deepopt.activate(model, optimizer) with recipe 'default'",
     "deepopt-thorough": "deepopt.activate(..., recipe='thorough') and optimizer.step(closure)",
-    "sam": f"exact two-pass SAM, rho {SAM_RHO} (sam_step below, not deepopt)",
+    "sam": f"exact two-pass SAM, rho {SAM_RHO} (deepopt.bench.train.sam_step, not deepopt)",
     "swa": "torch.optim.swa_utils SWA: AveragedModel of the epoch-end weights from "
     f"{SWA_START:.0%} of the budget on, update_bn, the average evaluated",
     "ema": f"torch.optim.swa_utils EMA (decay {EMA_DECAY}, weights and buffers, every step), "

@@ -484,3 +484,33 @@ def test_runner_skips_a_run_another_process_finished_since_it_started(tmp_path, 
     seen = _fake_seed6(tmp_path, monkeypatch, on_run=other_worker_finishes_seed_1)
     assert runner.main(SEED6_ARGV) == 0
     assert seen == [(6, "classical", 0)]
+
+
+def test_status_lists_done_running_paused_and_pending_runs_and_trains_nothing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import fcntl
+
+    from deepopt.bench import runner
+    from deepopt.bench.train import append_row
+
+    seen = _fake_seed6(tmp_path, monkeypatch)
+    append_row(tmp_path / "benchmarks/results/seed6.jsonl",
+               {"net": 6, "mode": "classical", "seed": 0, "epochs": 20, "final_test_acc": 51.5,
+                "max_test_acc": 52.25})
+    partial = tmp_path / "cache/partial/seed6-net6-classical-s1-e20.pt"
+    partial.parent.mkdir(parents=True)
+    torch.save({"test_acc": [10.0, 30.0, 40.0]}, partial)
+    argv = ["seed6", "--data", "x", "--nets", "6", "--modes", "classical", "--seeds", "0", "1", "2",
+            "--status"]
+    lock = partial.with_suffix(".lock")
+    with open(lock, "a") as held:  # another worker is training seed 1
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert runner.main(argv) == 0
+    assert runner.main(argv) == 0  # that worker was killed: seed 1 waits to be resumed
+    running, paused = capsys.readouterr().out.split("]\n")[:2]
+    assert "seed 0: done (final 51.50, max 52.25)" in running
+    assert "seed 1: running (3/20 epochs)" in running and "seed 2: pending" in running
+    assert "1 done, 1 running, 0 paused, 1 pending" in running
+    assert "seed 1: paused (3/20 epochs)" in paused and "1 done, 0 running, 1 paused, 1 pending" in paused
+    assert seen == [] and lock.exists() and partial.exists()  # looked, touched nothing

@@ -176,6 +176,18 @@ def test_a_deepopt_run_of_a_changed_recipe_is_not_finished(tmp_path: Path) -> No
     assert finished(path) == {(6, "deepopt-thorough", 1, 2), (6, "deepopt", 0, 2), (6, "thorough", 0, 2)}
 
 
+def test_a_setting_added_since_a_row_counts_as_its_default(tmp_path: Path, monkeypatch) -> None:
+    import deepopt.bench.train as train_mod
+
+    path = tmp_path / "rows.jsonl"
+    now = current_settings("deepopt")
+    before = {k: v for k, v in now.items() if k != "sam_lr_ceiling"}  # written before the knob
+    append_row(path, {"net": 4, "mode": "deepopt", "seed": 1, "epochs": 2, "resolved": before})
+    assert finished(path) == {(4, "deepopt", 1, 2)}  # the knob's default: the same recipe
+    monkeypatch.setattr(train_mod, "current_settings", lambda mode: {**now, "sam_lr_ceiling": 0.5})
+    assert finished(path) == set()  # the recipe now turns the new knob on: redo the run
+
+
 def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     append_row(path, {"net": 1, "mode": "classical", "seed": 0, "epochs": 2})

@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
             help=f"results file, one JSON line per finished run. Default: benchmarks/results/{name}.jsonl",
         )
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
+        s.add_argument(
+            "--status", action="store_true",
+            help="train nothing: list each run of this command as done (its final and max test "
+            "accuracy), running in another process or paused (epochs done so far), or pending",
+        )
         if name == "ablation":
             s.add_argument(
                 "--validation",
@@ -217,43 +222,107 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .data import cache_dir, load_cifar10, validation_split
+    from .data import load_cifar10, validation_split
     from .train import append_row, finished
 
-    torch.set_num_threads(args.threads)
-    data = load_cifar10(args.data)
     held_out = getattr(args, "validation", False)
-    if held_out:
-        data = validation_split(data)
     if args.out is None:
         args.out = Path(f"benchmarks/results/{args.suite}{'-val' if held_out else ''}.jsonl")
-    done = finished(args.out) if args.out.exists() else set()
+    if args.status:
+        return _print_status(args)
+    torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data)
+    if held_out:
+        data = validation_split(data)
+    done = finished(args.out)
+    for net, mode, seed in _planned(args):
+        # finished() keys a run by its budget, also for sam-equal-time, whose row
+        # trains half the epochs and records the budget as budget_of.
+        if (net, mode, seed, args.epochs) in done:
+            continue
+        partial = _partial(args, net, mode, seed)
+        with claimed(partial.with_suffix(".lock")) as mine:
+            if not mine:
+                print(f"net {net} {mode} seed {seed}: running in another process, skipped",
+                      flush=True)
+                continue
+            if args.out.exists() and (net, mode, seed, args.epochs) in finished(args.out):
+                continue  # finished by another process since this one started
+            row = _run_one(args, net, mode, seed, data, partial)
+            append_row(args.out, row)
+            partial.unlink(missing_ok=True)
+        print(
+            f"net {net} {mode:>18} seed {seed}: final {row['final_test_acc']:.2f} "
+            f"max {row['max_test_acc']:.2f} ({row['sec_per_epoch']:.1f} s/epoch)",
+            flush=True,
+        )
+    return 0
+
+
+def _planned(args: argparse.Namespace) -> Iterator[tuple[int, str, int]]:
+    """The ``(net, mode, seed)`` of every run of the command, in the order they run."""
     modes = args.mechanisms if args.suite == "ablation" else args.modes
     for seed in args.seeds:  # seeds outermost: one seed of everything first
         for net in args.nets:
             for mode in modes:
-                # finished() keys a run by its budget, also for sam-equal-time, whose row
-                # trains half the epochs and records the budget as budget_of.
-                if (net, mode, seed, args.epochs) in done:
-                    continue
-                # A killed run resumes from its last finished epoch (bit-identically).
-                # Kept in the cache (outside the work tree), so a later session resumes it.
-                partial = cache_dir() / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
-                with claimed(partial.with_suffix(".lock")) as mine:
-                    if not mine:
-                        print(f"net {net} {mode} seed {seed}: running in another process, skipped",
-                              flush=True)
-                        continue
-                    if args.out.exists() and (net, mode, seed, args.epochs) in finished(args.out):
-                        continue  # finished by another process since this one started
-                    row = _run_one(args, net, mode, seed, data, partial)
-                    append_row(args.out, row)
-                    partial.unlink(missing_ok=True)
-                print(
-                    f"net {net} {mode:>18} seed {seed}: final {row['final_test_acc']:.2f} "
-                    f"max {row['max_test_acc']:.2f} ({row['sec_per_epoch']:.1f} s/epoch)",
-                    flush=True,
-                )
+                yield net, mode, seed
+
+
+def _partial(args: argparse.Namespace, net: int, mode: str, seed: int) -> Path:
+    """The checkpoint a run writes after each epoch and resumes from (bit-identically).
+
+    Kept in the cache, outside the work tree, so that a later session resumes it."""
+    from .data import cache_dir
+
+    return cache_dir() / "partial" / f"{args.out.stem}-net{net}-{mode}-s{seed}-e{args.epochs}.pt"
+
+
+def _held_elsewhere(lock: Path) -> bool:
+    """Whether another process holds ``lock`` now (without creating or removing it)."""
+    if fcntl is None or not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _print_status(args: argparse.Namespace) -> int:
+    """``--status``: where each run of the command stands, without training or loading data."""
+    import json
+
+    import torch
+
+    from .train import finished
+
+    done = finished(args.out)
+    latest = {}  # (net, mode, seed, budget) -> the last row, as deepopt report keeps it
+    if args.out.exists():
+        for line in args.out.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+                latest[int(r["net"]), str(r["mode"]), int(r["seed"]), int(r.get("budget_of", r["epochs"]))] = r
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a crash, as finished() skips it
+    counts = dict.fromkeys(("done", "running", "paused", "pending"), 0)
+    for net, mode, seed in _planned(args):
+        key = (net, mode, seed, args.epochs)
+        partial = _partial(args, net, mode, seed)
+        if key in done:
+            state = "done"
+            r = latest[key]
+            detail = f"final {r['final_test_acc']:.2f}, max {r['max_test_acc']:.2f}"
+        else:
+            epochs = len(torch.load(partial, weights_only=False)["test_acc"]) if partial.exists() else 0
+            running = _held_elsewhere(partial.with_suffix(".lock"))
+            state = "running" if running else "paused" if epochs else "pending"
+            detail = f"{epochs}/{args.epochs} epochs" if running or epochs else ""
+        counts[state] += 1
+        print(f"net {net} {mode:>18} seed {seed}: {state}" + (f" ({detail})" if detail else ""))
+    print(", ".join(f"{n} {state}" for state, n in counts.items()) + f"  [{args.out}]")
     return 0
 
 

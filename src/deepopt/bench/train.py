@@ -583,6 +583,21 @@ def current_settings(mode: str) -> dict | None:
     return resolve(kwargs.pop("recipe"), kwargs).as_dict()
 
 
+def _recipe_changed(resolved: dict, now: dict) -> bool:
+    """Whether a row's ``resolved`` settings differ from what its recipe resolves to now.
+
+    A setting added to :class:`deepopt.Settings` after the row was written counts as its
+    default, which reproduces the behaviour from before it existed: adding a knob does not
+    make finished runs stale; turning it on in the recipe does.
+    """
+    from dataclasses import fields
+
+    from deepopt.recipes import Settings
+
+    defaults = {f.name: f.default for f in fields(Settings)}
+    return any(resolved.get(k, defaults.get(k)) != v for k, v in now.items())
+
+
 def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     """The ``(net, mode, seed, epoch budget)`` of every complete row in ``path``.
 
@@ -591,7 +606,8 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     ``epochs``; so a runner asks for ``(net, mode, seed, budget)`` in every mode.
     A seed6 ``deepopt``/``deepopt-thorough`` row whose ``resolved`` settings differ from
     what its recipe resolves to now (:func:`current_settings`) does not count: the run is
-    redone and ``deepopt report`` keeps the later row. A missing file gives the empty
+    redone and ``deepopt report`` keeps the later row. A setting newer than the row counts
+    as its default there. A missing file gives the empty
     set; lines that are not complete JSON rows (e.g. cut off by a crash) are skipped.
     """
     p = Path(path)
@@ -605,7 +621,7 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
                 budget = int(r.get("budget_of", r["epochs"]))
                 # A deepopt run whose recipe has changed since is not finished: run it again.
                 now = None if "mechanism" in r else current_settings(str(r["mode"]))
-                if now is not None and r.get("resolved", now) != now:
+                if now is not None and _recipe_changed(r.get("resolved", now), now):
                     continue
                 done.add((int(r["net"]), str(r["mode"]), int(r["seed"]), budget))
             except (ValueError, KeyError, TypeError):

@@ -514,3 +514,13 @@ def test_status_lists_done_running_paused_and_pending_runs_and_trains_nothing(
     assert "1 done, 1 running, 0 paused, 1 pending" in running
     assert "seed 1: paused (3/20 epochs)" in paused and "1 done, 0 running, 1 paused, 1 pending" in paused
     assert seen == [] and lock.exists() and partial.exists()  # looked, touched nothing
+
+
+def test_plot_writes_one_png_per_net(tmp_path) -> None:
+    from deepopt.bench.report import plot
+
+    rows = [{"net": net, "mode": mode, "seed": seed, "test_acc": [10.0 + seed, 20.0, 30.0]}
+            for net in (5, 6) for mode in ("classical", "deepopt", "swa") for seed in (0, 1)]
+    paths = plot(rows, tmp_path / "plots", "seed6-3ep")
+    assert [p.name for p in paths] == ["seed6-3ep-net5.png", "seed6-3ep-net6.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -246,6 +246,7 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out.mkdir(parents=True, exist_ok=True)
     held_out = any(str(r.get("evaluated_on", "test")).startswith("validation") for r in rows)
@@ -262,8 +263,12 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
             n = min(len(a) for a in accs)
             mean = [statistics.fmean(a[i] for a in accs) for i in range(n)]
             bold = mode in ("classical", "deepopt", "default")
-            ax.plot(range(1, n + 1), mean, label=f"{mode} (n={len(accs)})",
-                    color="black" if mode == "classical" else colors[k % len(colors)], lw=2.5 if bold else 1.2)
+            # classical dashed and on top: where a mode's curve is the same, both stay visible
+            style = {"color": "black", "ls": "--", "zorder": 3} if mode == "classical" else {
+                "color": "tab:blue" if bold else colors[k % len(colors)]}
+            ax.plot(range(1, n + 1), mean, label=f"{mode} (n={len(accs)})", lw=2.5 if bold else 1.2,
+                    **style)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ylabel = "validation accuracy (%)" if held_out else "test accuracy (%)"
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: net {net}")
         ax.grid(alpha=0.3)

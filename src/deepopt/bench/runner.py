@@ -292,28 +292,18 @@ def _held_elsewhere(lock: Path) -> bool:
 
 def _print_status(args: argparse.Namespace) -> int:
     """``--status``: where each run of the command stands, without training or loading data."""
-    import json
-
     import torch
 
-    from .train import finished
+    from .train import finished_rows
 
-    done = finished(args.out)
-    latest = {}  # (net, mode, seed, budget) -> the last row, as deepopt report keeps it
-    if args.out.exists():
-        for line in args.out.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-                latest[int(r["net"]), str(r["mode"]), int(r["seed"]), int(r.get("budget_of", r["epochs"]))] = r
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut off by a crash, as finished() skips it
+    done = finished_rows(args.out)
     counts = dict.fromkeys(("done", "running", "paused", "pending"), 0)
     for net, mode, seed in _planned(args):
         key = (net, mode, seed, args.epochs)
         partial = _partial(args, net, mode, seed)
         if key in done:
             state = "done"
-            r = latest[key]
+            r = done[key]
             detail = f"final {r['final_test_acc']:.2f}, max {r['max_test_acc']:.2f}"
         else:
             epochs = len(torch.load(partial, weights_only=False)["test_acc"]) if partial.exists() else 0

@@ -85,6 +85,7 @@ __all__ = [
     "current_settings",
     "evaluate",
     "finished",
+    "finished_rows",
     "milestones",
     "run",
     "sam_step",
@@ -590,16 +591,33 @@ def _recipe_changed(resolved: dict, now: dict) -> bool:
     default, which reproduces the behaviour from before it existed: adding a knob does not
     make finished runs stale; turning it on in the recipe does.
     """
+    defaults = _setting_defaults()
+    return any(resolved.get(k, defaults.get(k)) != v for k, v in now.items())
+
+
+@cache
+def _setting_defaults() -> dict:
     from dataclasses import fields
 
     from deepopt.recipes import Settings
 
-    defaults = {f.name: f.default for f in fields(Settings)}
-    return any(resolved.get(k, defaults.get(k)) != v for k, v in now.items())
+    return {f.name: f.default for f in fields(Settings)}
 
 
 def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     """The ``(net, mode, seed, epoch budget)`` of every complete row in ``path``.
+
+    The keys of :func:`finished_rows`.
+
+    Example:
+        >>> finished("no/such/file.jsonl")
+        set()
+    """
+    return set(finished_rows(path))
+
+
+def finished_rows(path: str | os.PathLike[str]) -> dict[tuple[int, str, int, int], dict]:
+    """Every complete row in ``path``, by ``(net, mode, seed, epoch budget)``; the last wins.
 
     The budget is the row's ``budget_of`` where it has one (an equal-time run such as
     ``sam-equal-time`` trains fewer epochs than the budget it is run for), else its
@@ -607,13 +625,12 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     A seed6 ``deepopt``/``deepopt-thorough`` row whose ``resolved`` settings differ from
     what its recipe resolves to now (:func:`current_settings`) does not count: the run is
     redone and ``deepopt report`` keeps the later row. A setting newer than the row counts
-    as its default there. A missing file gives the empty
-    set; lines that are not complete JSON rows (e.g. cut off by a crash) are skipped.
+    as its default there. A missing file gives an empty dict; lines that are not complete JSON rows (e.g. cut off by a crash) are skipped.
     """
     p = Path(path)
+    done: dict[tuple[int, str, int, int], dict] = {}
     if not p.exists():
-        return set()
-    done = set()
+        return done
     with open(p, encoding="utf-8") as f:
         for line in f:
             try:
@@ -623,7 +640,7 @@ def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
                 now = None if "mechanism" in r else current_settings(str(r["mode"]))
                 if now is not None and _recipe_changed(r.get("resolved", now), now):
                     continue
-                done.add((int(r["net"]), str(r["mode"]), int(r["seed"]), budget))
+                done[int(r["net"]), str(r["mode"]), int(r["seed"]), budget] = r
             except (ValueError, KeyError, TypeError):
                 continue
     return done

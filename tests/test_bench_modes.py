@@ -516,6 +516,38 @@ def test_status_lists_done_running_paused_and_pending_runs_and_trains_nothing(
     assert seen == [] and lock.exists() and partial.exists()  # looked, touched nothing
 
 
+def test_status_estimates_the_hours_left_from_finished_rows_of_the_same_thread_count(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from deepopt.bench import runner
+    from deepopt.bench.train import append_row
+
+    _fake_seed6(tmp_path, monkeypatch)
+    results = tmp_path / "benchmarks/results/seed6.jsonl"
+    for seed, threads, sec_per_epoch in ((0, 2, 360.0), (9, 1, 1.0)):  # seed 9: 1 thread, ignored
+        append_row(results, {"net": 6, "mode": "classical", "seed": seed, "epochs": 20,
+                             "final_test_acc": 51.5, "max_test_acc": 52.25, "threads": threads,
+                             "sec_per_epoch": sec_per_epoch})
+    partial = tmp_path / "cache/partial/seed6-net6-classical-s1-e20.pt"
+    partial.parent.mkdir(parents=True)
+    torch.save({"test_acc": [10.0, 30.0, 40.0]}, partial)
+    argv = ["seed6", "--data", "x", "--nets", "6", "5", "--modes", "classical", "sam-equal-time",
+            "--seeds", "0", "1", "--threads", "2", "--status"]
+    assert runner.main(argv) == 0
+    out = capsys.readouterr().out
+    # 0.1 h per classical epoch; SAM's passes are 2x but sam-equal-time trains 10 of 20 epochs.
+    assert "net 6          classical seed 1: paused (3/20 epochs, ~1.7 h left)" in out
+    assert "net 6     sam-equal-time seed 0: pending (~2.0 h left)" in out
+    assert "net 5          classical seed 0: pending\n" in out  # no row of net 5: no estimate
+    assert "about 5.7 h of training left" in out and "4 run(s) with no row of their net" in out
+    # Once a sam-equal-time row exists, its own time per epoch counts.
+    append_row(results, {"net": 6, "mode": "sam-equal-time", "seed": 0, "epochs": 10, "budget_of": 20,
+                         "final_test_acc": 50.0, "max_test_acc": 51.0, "threads": 2,
+                         "sec_per_epoch": 1800.0})
+    assert runner.main(argv) == 0
+    assert "net 6     sam-equal-time seed 1: pending (~5.0 h left)" in capsys.readouterr().out
+
+
 def test_plot_writes_one_png_per_net(tmp_path) -> None:
     from deepopt.bench.report import plot
 

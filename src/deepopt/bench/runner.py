@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from .train import MODES
+from .train import MODES, trained_epochs
 
 try:
     import fcntl
@@ -141,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--status", action="store_true",
             help="train nothing: list each run of this command as done (its final and max test "
-            "accuracy), running in another process or paused (epochs done so far), or pending",
+            "accuracy), running in another process or paused (epochs done so far), or pending, "
+            "with the hours of training each unfinished run has left, judged from the s/epoch of "
+            "the finished rows (those of the same --threads first)",
         )
         if name == "ablation":
             s.add_argument(
@@ -291,13 +294,15 @@ def _held_elsewhere(lock: Path) -> bool:
 
 
 def _print_status(args: argparse.Namespace) -> int:
-    """``--status``: where each run of the command stands, without training or loading data."""
+    """``--status``: where each run of the command stands, without training or loading data,
+    and how long the unfinished ones will take (:func:`_epoch_seconds`)."""
     import torch
 
     from .train import finished_rows
 
     done = finished_rows(args.out)
     counts = dict.fromkeys(("done", "running", "paused", "pending"), 0)
+    left, unknown = 0.0, 0
     for net, mode, seed in _planned(args):
         key = (net, mode, seed, args.epochs)
         partial = _partial(args, net, mode, seed)
@@ -309,11 +314,41 @@ def _print_status(args: argparse.Namespace) -> int:
             epochs = len(torch.load(partial, weights_only=False)["test_acc"]) if partial.exists() else 0
             running = _held_elsewhere(partial.with_suffix(".lock"))
             state = "running" if running else "paused" if epochs else "pending"
-            detail = f"{epochs}/{args.epochs} epochs" if running or epochs else ""
+            detail = f"{epochs}/{trained_epochs(mode, args.epochs)} epochs" if running or epochs else ""
+            per_epoch = _epoch_seconds(done.values(), net, mode, args.threads)
+            if per_epoch is None:
+                unknown += 1
+            else:
+                seconds = per_epoch * (trained_epochs(mode, args.epochs) - epochs)
+                left += seconds
+                detail += (", " if detail else "") + f"~{seconds / 3600:.1f} h left"
         counts[state] += 1
         print(f"net {net} {mode:>18} seed {seed}: {state}" + (f" ({detail})" if detail else ""))
     print(", ".join(f"{n} {state}" for state, n in counts.items()) + f"  [{args.out}]")
+    if left or unknown:
+        print(f"about {left / 3600:.1f} h of training left at the s/epoch of the finished rows"
+              " (one process per run; evaluation not counted)"
+              + (f"; {unknown} run(s) with no row of their net to estimate from" if unknown else ""))
     return 0
+
+
+def _epoch_seconds(rows: Collection[dict], net: int, mode: str, threads: int) -> float | None:
+    """Seconds one training epoch of ``mode`` on ``net`` takes, judged from finished rows.
+
+    The median ``sec_per_epoch`` of the rows of that net and mode, else of its
+    ``classical`` (or 1x ``deepopt``) rows times the passes per step (2 for SAM); rows trained with
+    ``threads`` threads first, as the thread count changes the time most. None without
+    any row of the net."""
+    two_pass = mode in ("sam", "sam-equal-time", "deepopt-thorough") or bool(
+        (MECHANISMS.get(mode) or {}).get("closure"))
+    for same_threads in (True, False):
+        for base, factor in ((mode, 1), ("classical", 1 + two_pass), ("deepopt", 1 + two_pass)):
+            times = [float(r["sec_per_epoch"]) for r in rows
+                     if r.get("net") == net and r.get("mode") == base and "sec_per_epoch" in r
+                     and (r.get("threads") == threads or not same_threads)]
+            if times:
+                return statistics.median(times) * factor
+    return None
 
 
 def _run_one(args: argparse.Namespace, net: int, mode: str, seed: int, data: tuple, partial: Path) -> dict:

@@ -22,6 +22,11 @@ evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs
   16-31) unless OMP_WAIT_POLICY=PASSIVE is set before torch is imported (39 ms/step).
   Best throughput on this box: two runs in parallel, one thread each
   (``torch.set_num_threads(1)``); with 2 threads per run, export OMP_WAIT_POLICY=PASSIVE.
+  Net 4 is the exception that costs nothing (AVX2 box, 2026-11-30, with ``SeedConv2d``):
+  one run on two threads as the only job trains an epoch in 206-222 s, two one-thread
+  runs side by side in 398-430 s each: the same throughput, and the first run lands
+  sooner. Net 3: 130 s on two threads alone, ~200 s each side by side (1.3x in favour of
+  pairs).
 - channels_last (model + data): net 1 cpu -6..-8%, net 4 -12% once and +6% once (noise
   level), 2 threads worse. Not used: no robust gain, and channels_last parameters break
   ``p.view(-1)`` / ``parameters_to_vector`` in mechanisms.

@@ -37,6 +37,7 @@ RECIPES = {
     "restart": ({"average": "ema", "ema_decay": 0.9, "average_restart": True, "average_every": 2}, False, True),
     "looksam": ({"recipe": "thorough", "sam_every": 3}, True, True),
     "sam_no_warmup": ({"recipe": "thorough", "sam_warmup": 0}, True, False),
+    "dropout_match": ({"dropout_match": True, "average": "ema"}, False, True),
 }
 
 

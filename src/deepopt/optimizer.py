@@ -8,7 +8,8 @@ The model's parameters are shown in one of three *views*:
 
 * ``"train"``: the training weights ``w`` (what the base optimizer updates);
 * ``"perturbed"``: ``w + e`` during a training forward/backward (sharpness-aware);
-* ``"eval"``: the averaged evaluation weights and their BatchNorm statistics.
+* ``"eval"``: the evaluation weights: the averaged weights and their BatchNorm
+  statistics, and/or the weights rescaled to match dropout (``dropout_match``).
 
 Leaving a view always copies the saved training weights back (never subtracts), and
 every place a user can observe the model (``step``, an ``eval`` forward, ``state_dict``,
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from .mechanisms.average import WeightAverage
 from .mechanisms.calibrate import calibrate_
+from .mechanisms.dropout_match import DropoutMatch, has_dropout, matched_scales, weighted_layers
 from .mechanisms.guard import DivergenceGuard, all_finite
 from .mechanisms.lookahead import Lookahead
 from .mechanisms.looksam import LookSAM, orthogonal_part, reuse_
@@ -107,6 +109,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         # Seeded from the user's seed without drawing from (and so moving) the global RNG.
         self.noise = WeightNoise(settings.noise, torch.initial_seed()) if settings.noise else None
         self.looksam = LookSAM(settings.sam_every, settings.sam_reuse) if settings.sam_every > 1 else None
+        self.dropout_match = DropoutMatch() if settings.dropout_match and has_dropout(model) else None
+        self._last_batch: tuple[tuple, dict] | None = None  # dropout_match measures on it
         self._max_lr = 0.0
         self._last_lr: float | None = None  # LR of the last update (average_restart)
         self._last_grads: dict[Tensor, Tensor] = {}
@@ -134,6 +138,11 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._forward_ok = False
         self._buffer_snapshot: list[Tensor] = []
         self._snapshot_taken = False  # buffers saved since the last step (guard only)
+
+    @property
+    def _has_eval_view(self) -> bool:
+        """Whether ``model.eval()`` may show other weights than the training ones."""
+        return self.average is not None or self.dropout_match is not None
 
     @property
     def _perturbs(self) -> bool:
@@ -406,11 +415,34 @@ class DeepOptimizer(torch.optim.Optimizer):
             self._view, self._shown = "train", []
         if view == "perturbed":
             self._perturb()
-        elif view == "eval" and self.average is not None and self.average.tensors is not None:
+        elif view == "eval":
             targets = self._eval_targets()
-            if len(targets) == len(self.average.tensors):
+            if self.average is not None and self.average.tensors is not None:
+                if len(targets) == len(self.average.tensors):
+                    self._enter(targets, "eval")
+                    torch._foreach_copy_(targets, self.average.tensors)
+            if self.dropout_match is not None:
+                self._match_dropout(targets)
+
+    def _match_dropout(self, targets: list[Tensor]) -> None:
+        """Rescale the evaluation weights shown to match dropout, measured once per step count."""
+        match = self.dropout_match
+        model = getattr(self.model, "_orig_mod", self.model)
+        layers = weighted_layers(model, {id(p) for p in self._params()})
+        if match.step != self.steps and self._last_batch is not None:
+            self._hold = True
+            cuda = sorted({t.device.index or 0 for t in targets if t.is_cuda})
+            try:
+                # The dropout samples must not move the user's RNG (the training trajectory).
+                with torch.random.fork_rng(devices=cuda):
+                    match.scales, match.keep = matched_scales(model, *self._last_batch, layers=layers)
+                match.step = self.steps
+            finally:
+                self._hold = False
+        if match.keep:
+            if self._view != "eval":
                 self._enter(targets, "eval")
-                torch._foreach_copy_(targets, self.average.tensors)
+            match.apply_(layers)
 
     def _perturb(self) -> None:
         s = self.settings
@@ -454,6 +486,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         if self.settings.average_restart and grad:
             self._restart_from_average()
         self._params_stale = True  # requires_grad may have changed since the last forward
+        if self.dropout_match is not None and grad:
+            self._last_batch = (args, kwargs)
         self._show("perturbed" if grad and self._perturbs else "train")
         if grad:
             self._snapshot_buffers()
@@ -481,6 +515,8 @@ class DeepOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(self._eval_targets(), self._pending_train_values)
         elif self.average is not None:
             self.average.tensors = None  # new weights: the average restarts from them
+        if self.dropout_match is not None and self._pending_train_values is None:
+            self.dropout_match.step = -1  # new weights: measure again
 
     @torch.no_grad()
     def _restart_from_average(self) -> None:
@@ -541,9 +577,10 @@ class DeepOptimizer(torch.optim.Optimizer):
             "lookahead": None if self.lookahead is None else self.lookahead.state_dict(),
             "noise": None if self.noise is None else self.noise.state_dict(),
             "looksam": None if self.looksam is None else self.looksam.state_dict(),
+            "dropout_match": None if self.dropout_match is None else self.dropout_match.state_dict(),
             "last_grads": [self._last_grads.get(p) for p in params] if self._last_grads else None,
             # model.state_dict() may hold the evaluation weights; resuming needs these.
-            "train_values": self._train_values() if self.average is not None else None,
+            "train_values": self._train_values() if self._has_eval_view else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
@@ -574,10 +611,12 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.noise.load_state_dict(deep["noise"])
         if self.looksam is not None and deep.get("looksam") is not None:
             self.looksam.load_state_dict(deep["looksam"])
+        if self.dropout_match is not None and deep.get("dropout_match") is not None:
+            self.dropout_match.load_state_dict(deep["dropout_match"])
         grads = deep["last_grads"] or []
         self._last_grads = {p: g.clone() for p, g in zip(params, grads) if g is not None}
         values = deep["train_values"]
-        if values is not None and self.average is not None:
+        if values is not None and self._has_eval_view:
             with torch.no_grad():
                 torch._foreach_copy_(self._eval_targets(), values)
             self._pending_train_values = [v.clone() for v in values]

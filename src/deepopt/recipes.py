@@ -65,6 +65,13 @@ class Settings:
         average_restart: when the learning rate changes (an LR drop), training continues
             from the averaged weights: the average of the phase that ends (SWA's point)
             is fine-tuned at the new LR. Needs ``average``.
+        dropout_match: evaluate a net with dropout at weights rescaled so that each
+            linear/conv layer's eval-mode output matches its output with dropout on, measured
+            on the last training batch at the first evaluation after new steps, and kept
+            only where that brings the eval output at least 2x closer to the mean of the
+            dropout samples (the training weights are untouched; nets without dropout cost
+            nothing). For deep stacks with heavy dropout whose eval mode is broken early in
+            training (the seed's net 2 at 20 epochs; BENCHMARKS.md, section 1).
         calibrate: rescale the init on the first batch, only if the signal vanishes.
         calibrate_threshold: vanishing/exploding limit of the last/first layer
             output std ratio.
@@ -89,6 +96,7 @@ class Settings:
     ema_decay: float = 0.999
     average_every: int = 1
     average_restart: bool = False
+    dropout_match: bool = False
     calibrate: bool = True
     calibrate_threshold: float = 1e-3
     guard: bool = True
@@ -96,7 +104,8 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ``ValueError`` naming the field, the value and the valid range."""
-        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "calibrate", "guard"):
+        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "dropout_match", "calibrate",
+                     "guard"):
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")

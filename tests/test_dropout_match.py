@@ -183,3 +183,15 @@ def test_nets_without_dropout_get_no_state_and_no_extra_pass():
 def test_dropout_match_must_be_a_bool():
     with pytest.raises(ValueError, match="dropout_match='yes'"):
         deepopt.activate(mlp(0.2), torch.optim.SGD(mlp(0.2).parameters(), lr=0.1), dropout_match="yes")
+
+
+def test_a_short_last_batch_does_not_replace_the_measured_batch():
+    torch.manual_seed(0)
+    model = mlp(0.3)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_match=True)
+    x, y = data("vec", n=36)
+    for xb, yb in zip(x.split(16), y.split(16)):  # 16, 16, then 4
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(opt._last_batch[0][0], x[16:32])

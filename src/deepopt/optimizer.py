@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from .mechanisms.average import WeightAverage
 from .mechanisms.calibrate import calibrate_
-from .mechanisms.dropout_match import DropoutMatch, has_dropout, matched_scales, weighted_layers
+from .mechanisms.dropout_match import (
+    DropoutMatch,
+    batch_size,
+    has_dropout,
+    matched_scales,
+    weighted_layers,
+)
 from .mechanisms.guard import DivergenceGuard, all_finite
 from .mechanisms.lookahead import Lookahead
 from .mechanisms.looksam import LookSAM, orthogonal_part, reuse_
@@ -487,7 +493,10 @@ class DeepOptimizer(torch.optim.Optimizer):
             self._restart_from_average()
         self._params_stale = True  # requires_grad may have changed since the last forward
         if self.dropout_match is not None and grad:
-            self._last_batch = (args, kwargs)
+            # An epoch's short last batch would make a noisy measurement: keep the one
+            # before it (any training inputs will do; the weights measured are current).
+            if self._last_batch is None or 2 * batch_size(args, kwargs) >= batch_size(*self._last_batch):
+                self._last_batch = (args, kwargs)
         self._show("perturbed" if grad and self._perturbs else "train")
         if grad:
             self._snapshot_buffers()

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["has_dropout", "weighted_layers", "matched_scales", "DropoutMatch"]
+__all__ = ["has_dropout", "weighted_layers", "batch_size", "matched_scales", "DropoutMatch"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -66,6 +66,19 @@ def weighted_layers(model: nn.Module, trained: set[int] | None = None) -> list[n
         if isinstance(m, _LAYERS) and isinstance(m.weight, nn.Parameter)
         and (trained is None or all(id(p) in trained for p in m.parameters(recurse=False)))
     ]
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading size of the first tensor among a forward's inputs (0 if none).
+
+    Example:
+        >>> batch_size((torch.zeros(16, 3),), {}), batch_size((), {"input_ids": torch.zeros(4, 9)})
+        (16, 4)
+    """
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return t.shape[0]
+    return 0
 
 
 def _tensors(out: Any) -> list[Tensor]:

@@ -188,6 +188,16 @@ def test_a_setting_added_since_a_row_counts_as_its_default(tmp_path: Path, monke
     assert finished(path) == set()  # the recipe now turns the new knob on: redo the run
 
 
+def test_a_knob_turned_on_redoes_only_the_runs_it_can_change(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    before = {k: v for k, v in current_settings("deepopt").items() if k != "dropout_match"}
+    for net in (1, 2, 4):  # rows written before dropout_match joined the default recipe
+        append_row(path, {"net": net, "mode": "deepopt", "seed": 0, "epochs": 2, "resolved": before})
+    state = torch.get_rng_state()
+    assert finished(path) == {(1, "deepopt", 0, 2), (4, "deepopt", 0, 2)}  # net 2 has dropout
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     append_row(path, {"net": 1, "mode": "classical", "seed": 0, "epochs": 2})

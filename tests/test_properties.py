@@ -30,6 +30,7 @@ from torch import nn
 
 import deepopt
 from conftest import LSTMNet, TransformerNet, bn_cnn, data
+from deepopt.mechanisms.dropout_match import weighted_layers
 
 EXAMPLES_PER_FAMILY = 100
 STEPS, SAVE_AT = 4, 2
@@ -280,8 +281,14 @@ def check(case: Case) -> str:
     averaged = {}
     if opt.average is not None and opt.average.tensors is not None:
         averaged = {id(p): a for p, a in zip(opt._params(), opt.average.tensors)}
+    factors = {}  # dropout-matched evaluation, where its gate kept the rescaled weights
+    if opt.dropout_match is not None and opt.dropout_match.keep:
+        layers = weighted_layers(model, {id(p) for p in opt._params()})
+        factors = {id(q): s for layer, s in zip(layers, opt.dropout_match.scales)
+                   for q in layer.parameters(recurse=False)}
     for name, p in model.named_parameters():
-        assert torch.equal(p, averaged.get(id(p), train_view[name])), name
+        expected = averaged.get(id(p), train_view[name])
+        assert torch.equal(p, expected * factors[id(p)] if id(p) in factors else expected), name
     model.train()
     state = model.state_dict()
     assert_equal({n: state[n] for n in train_view}, train_view)

@@ -66,7 +66,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -91,6 +91,7 @@ __all__ = [
     "evaluate",
     "finished",
     "finished_rows",
+    "inert_settings",
     "milestones",
     "run",
     "sam_step",
@@ -589,15 +590,33 @@ def current_settings(mode: str) -> dict | None:
     return resolve(kwargs.pop("recipe"), kwargs).as_dict()
 
 
-def _recipe_changed(resolved: dict, now: dict) -> bool:
+def _recipe_changed(resolved: dict, now: dict, inert: Collection[str] = ()) -> bool:
     """Whether a row's ``resolved`` settings differ from what its recipe resolves to now.
 
     A setting added to :class:`deepopt.Settings` after the row was written counts as its
     default, which reproduces the behaviour from before it existed: adding a knob does not
-    make finished runs stale; turning it on in the recipe does.
+    make finished runs stale; turning it on in the recipe does, except on nets where the
+    knob cannot act (``inert``, see :func:`inert_settings`).
     """
     defaults = _setting_defaults()
-    return any(resolved.get(k, defaults.get(k)) != v for k, v in now.items())
+    return any(resolved.get(k, defaults.get(k)) != v for k, v in now.items() if k not in inert)
+
+
+@cache
+def inert_settings(net: int) -> frozenset[str]:
+    """The settings that cannot change a run of seed net ``net``: its runs need no redoing for them.
+
+    ``dropout_match`` acts only on nets with dropout (of the seed's six, net 2).
+
+    Example:
+        >>> sorted(inert_settings(1)), sorted(inert_settings(2))
+        (['dropout_match'], [])
+    """
+    from deepopt.mechanisms.dropout_match import has_dropout
+
+    with torch.random.fork_rng():  # building the net draws its init: leave the RNG alone
+        dropout = has_dropout(build_net(net))
+    return frozenset() if dropout else frozenset({"dropout_match"})
 
 
 @cache
@@ -643,7 +662,7 @@ def finished_rows(path: str | os.PathLike[str]) -> dict[tuple[int, str, int, int
                 budget = int(r.get("budget_of", r["epochs"]))
                 # A deepopt run whose recipe has changed since is not finished: run it again.
                 now = None if "mechanism" in r else current_settings(str(r["mode"]))
-                if now is not None and _recipe_changed(r.get("resolved", now), now):
+                if now is not None and _recipe_changed(r.get("resolved", now), now, inert_settings(int(r["net"]))):
                     continue
                 done[int(r["net"]), str(r["mode"]), int(r["seed"]), budget] = r
             except (ValueError, KeyError, TypeError):

@@ -556,3 +556,23 @@ def test_plot_writes_one_png_per_net(tmp_path) -> None:
     paths = plot(rows, tmp_path / "plots", "seed6-3ep")
     assert [p.name for p in paths] == ["seed6-3ep-net5.png", "seed6-3ep-net6.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_report_leaves_out_rows_of_a_recipe_changed_since(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepopt.bench.train import current_settings
+
+    old = {**current_settings("deepopt"), "dropout_match": False}  # before it joined the default
+    rows = [_row(2, "classical", 0, 10.0, 1.0), _row(2, "deepopt", 0, 10.0, 1.0) | {"resolved": old},
+            _row(1, "classical", 0, 60.0, 1.0), _row(1, "deepopt", 0, 60.0, 1.0) | {"resolved": old}]
+    path = tmp_path / "seed6.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    cells = {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}
+    # net 2 has dropout: its old default row is stale; net 1 has none: still current
+    assert ("2", "classical") in cells and ("2", "deepopt") not in cells and ("1", "deepopt") in cells
+    rows.append(_row(2, "deepopt", 0, 25.0, 1.0) | {"resolved": current_settings("deepopt")})  # redone
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    assert ("2", "deepopt") in {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}

@@ -30,6 +30,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .train import is_current
+
 __all__ = [
     "latest_runs", "load_rows", "machines_note", "paired", "seed6_table", "table",
     "overhead_table", "mnist1d_table", "budget_table", "main",
@@ -394,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             text = _replace_block(text, stem, body)
             print(f"{stem}: {len(rows)} rows")
             continue
+        stale = [r for r in rows if not is_current(r)]
+        if stale:  # a recipe changed since these ran: their redone runs replace them
+            rows = [r for r in rows if is_current(r)]
+            print(f"{stem}: {len(stale)} rows of a recipe changed since left out")
         if any("mechanism" in r for r in rows):
             ablations[stem] = rows
         for epochs in sorted({budget(r) for r in rows}):

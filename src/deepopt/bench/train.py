@@ -92,6 +92,7 @@ __all__ = [
     "finished",
     "finished_rows",
     "inert_settings",
+    "is_current",
     "milestones",
     "run",
     "sam_step",
@@ -628,6 +629,26 @@ def _setting_defaults() -> dict:
     return {f.name: f.default for f in fields(Settings)}
 
 
+def is_current(row: dict) -> bool:
+    """Whether a seed6 row still describes its mode (``False`` for a recipe changed since).
+
+    Rows of other modes, and ablation rows (which keep their own label and settings), are
+    always current. Used by the runner (a stale run is redone) and by ``deepopt report``
+    (a stale row is left out of the tables until its run is redone).
+
+    Example:
+        >>> is_current({"net": 6, "mode": "classical", "seed": 0, "epochs": 20})
+        True
+        >>> is_current({"net": 2, "mode": "deepopt", "seed": 0, "epochs": 20,
+        ...             "resolved": {**current_settings("deepopt"), "dropout_match": False}})
+        False
+    """
+    now = None if "mechanism" in row else current_settings(str(row.get("mode")))
+    if now is None:
+        return True
+    return not _recipe_changed(row.get("resolved", now), now, inert_settings(int(row["net"])))
+
+
 def finished(path: str | os.PathLike[str]) -> set[tuple[int, str, int, int]]:
     """The ``(net, mode, seed, epoch budget)`` of every complete row in ``path``.
 
@@ -660,9 +681,7 @@ def finished_rows(path: str | os.PathLike[str]) -> dict[tuple[int, str, int, int
             try:
                 r = json.loads(line)
                 budget = int(r.get("budget_of", r["epochs"]))
-                # A deepopt run whose recipe has changed since is not finished: run it again.
-                now = None if "mechanism" in r else current_settings(str(r["mode"]))
-                if now is not None and _recipe_changed(r.get("resolved", now), now, inert_settings(int(r["net"]))):
+                if not is_current(r):  # its recipe has changed since: not finished, run it again
                     continue
                 done[int(r["net"]), str(r["mode"]), int(r["seed"]), budget] = r
             except (ValueError, KeyError, TypeError):

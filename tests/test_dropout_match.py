@@ -195,3 +195,32 @@ def test_a_short_last_batch_does_not_replace_the_measured_batch():
         opt.step()
         opt.zero_grad()
     assert torch.equal(opt._last_batch[0][0], x[16:32])
+
+
+class EvalNeedsEight(nn.Module):
+    """A user model whose eval forward only takes batches of 8 (it trains on 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and len(x) != 8:
+            raise ValueError("eval batches must hold 8 rows")
+        return self.net(x)
+
+
+def test_a_model_that_cannot_be_measured_is_evaluated_plainly_with_a_warning():
+    torch.manual_seed(0)
+    model = EvalNeedsEight()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_match=True)
+    x, y = data("vec")
+    train(model, opt, x, y, steps=2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with pytest.warns(UserWarning, match="dropout-matched evaluation is off.*dropout_match=False"):
+        with torch.no_grad():
+            out = model(x[:8])
+    assert out.shape == (8, 3) and opt.dropout_match is None
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(not m.training for m in model.modules())  # its dropout is off again

@@ -443,6 +443,16 @@ class DeepOptimizer(torch.optim.Optimizer):
                 with torch.random.fork_rng(devices=cuda):
                     match.scales, match.keep = matched_scales(model, *self._last_batch, layers=layers)
                 match.step = self.steps
+            except Exception as e:  # noqa: BLE001 - the user's evaluation must go on
+                # A model that cannot run a training batch in eval mode: evaluate it plainly.
+                self.dropout_match = None
+                warnings.warn(
+                    f"deepopt: dropout-matched evaluation is off for this run: the model raised "
+                    f"{type(e).__name__}: {e} on its last training batch in eval mode. Evaluation "
+                    "uses the plain weights; pass dropout_match=False to activate() to silence this.",
+                    stacklevel=2,
+                )
+                return
             finally:
                 self._hold = False
         if match.keep:

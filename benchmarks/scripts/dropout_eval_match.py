@@ -104,6 +104,24 @@ def mlp(drop: float) -> nn.Sequential:
     )
 
 
+def fit(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int):
+    """SGD in batches of 64, LR / 10 at 30/60/80% of the epochs; yields (epoch, its data order)."""
+    drops = [round(epochs * f) for f in (0.3, 0.6, 0.8)]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, drops, 0.1)
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(x), generator=order)
+        for i in range(0, len(perm), 64):
+            batch = perm[i : i + 64]
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        yield epoch, perm
+
+
 def mnist1d_part(seeds: int = 5, epochs: int = 30, checkpoints: tuple[int, ...] = (5, 15, 30)) -> None:
     data = load_mnist1d()
     x_train, y_train = data["x"][:3200], data["y"][:3200]
@@ -115,20 +133,8 @@ def mnist1d_part(seeds: int = 5, epochs: int = 30, checkpoints: tuple[int, ...] 
             torch.manual_seed(seed)
             model = mlp(drop)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            drops = [round(epochs * f) for f in (0.3, 0.6, 0.8)]
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, drops, 0.1)
-            order = torch.Generator().manual_seed(seed)
             cells = []
-            for epoch in range(1, epochs + 1):
-                model.train()
-                perm = torch.randperm(len(x_train), generator=order)
-                for i in range(0, len(perm), 64):
-                    batch = perm[i : i + 64]
-                    loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                sched.step()
+            for epoch, perm in fit(model, opt, x_train, y_train, seed, epochs):
                 if epoch in checkpoints:
                     plain = accuracy(model, x_val, y_val)
                     fixed = accuracy(rescaled(model, x_train[perm[:256]]), x_val, y_val)
@@ -197,19 +203,7 @@ def compare(name: str, build, seed: int, epochs: int) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         if activated:
             model, opt = deepopt.activate(model, opt)
-        drops = [round(epochs * f) for f in (0.3, 0.6, 0.8)]
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, drops, 0.1)
-        order = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            model.train()
-            perm = torch.randperm(len(x_train), generator=order)
-            for i in range(0, len(perm), 64):
-                batch = perm[i : i + 64]
-                loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
+        for _ in fit(model, opt, x_train, y_train, seed, epochs):
             finals.append(accuracy(model, x_val, y_val))
             kept += bool(activated and opt.dropout_match.keep)
     print(f"  MNIST-1D {name} seed {seed}: held-out {finals[epochs - 1]:.1f} classical, "

@@ -433,9 +433,12 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _match_dropout(self, targets: list[Tensor]) -> None:
         """Rescale the evaluation weights shown to match dropout, measured once per step count."""
         match = self.dropout_match
+        measure = match.step != self.steps and self._last_batch is not None
+        if not measure and not match.keep:  # every eval forward passes here: keep it cheap
+            return
         model = getattr(self.model, "_orig_mod", self.model)
         layers = weighted_layers(model, {id(p) for p in self._params()})
-        if match.step != self.steps and self._last_batch is not None:
+        if measure:
             self._hold = True
             cuda = sorted({t.device.index or 0 for t in targets if t.is_cuda})
             try:

@@ -77,6 +77,13 @@ class Settings:
             output std ratio.
         guard: skip steps with non-finite gradients.
         max_skips: consecutive skipped steps before the guard raises.
+
+    Example:
+        >>> from deepopt import RECIPES
+        >>> RECIPES["safe"].calibrate, RECIPES["safe"].rho
+        (True, 0.0)
+        >>> RECIPES["default"].dropout_match
+        True
     """
 
     rho: float = 0.0
@@ -185,7 +192,16 @@ RECIPES: dict[str, Settings] = {
 
 
 def resolve(recipe: str, overrides: dict) -> Settings:
-    """The settings of ``recipe`` with ``overrides`` applied and validated."""
+    """The settings of ``recipe`` with ``overrides`` applied and validated.
+
+    Example:
+        >>> resolve("safe", {"rho": 0.05}).rho
+        0.05
+        >>> resolve("default", {"rhoo": 0.05})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown override(s) rhoo; valid overrides: adaptive, ...
+    """
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"recipe={recipe!r} is unknown; valid recipes: {', '.join(sorted(RECIPES))}.")
     valid = {f.name for f in fields(Settings)}

@@ -24,7 +24,18 @@ __all__ = ["all_finite", "DivergenceGuard", "DivergenceError"]
 
 
 class DivergenceError(RuntimeError):
-    """Raised after too many consecutive non-finite steps."""
+    """Raised after ``max_skips`` consecutive non-finite steps; the weights stay the last finite ones.
+
+    Catch it to lower the learning rate and go on, or let it stop the run.
+
+    Example:
+        >>> g = DivergenceGuard(max_consecutive=1)
+        >>> try:
+        ...     g.record(ok=False)
+        ... except DivergenceError as e:
+        ...     print(str(e)[:48])
+        deepopt skipped 1 optimizer steps in a row becau
+    """
 
 
 @torch.no_grad()

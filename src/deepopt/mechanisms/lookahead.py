@@ -39,7 +39,16 @@ def sync_(slow: list[Tensor], fast: list[Tensor], alpha: float) -> None:
 
 
 class Lookahead:
-    """Keeps the slow weights; call :meth:`after_step` after every optimizer step."""
+    """Keeps the slow weights; call :meth:`after_step` after every optimizer step.
+
+    Example:
+        >>> import torch
+        >>> w = [torch.tensor([0.0])]
+        >>> la = Lookahead(k=1, alpha=0.25)
+        >>> la.after_step(w); w[0] += 4; la.after_step(w)
+        >>> w[0], la.state_dict()["count"]
+        (tensor([1.]), 0)
+    """
 
     def __init__(self, k: int = 5, alpha: float = 0.5) -> None:
         self.k, self.alpha = k, alpha

@@ -92,7 +92,7 @@ _SHARING = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepopt bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="deepopt bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="suite", required=True)
     sub.add_parser("overhead", help="per-step CPU cost of recipes vs classical -> overhead.jsonl "
                    "(options: deepopt bench overhead --help)")

@@ -6,7 +6,11 @@ training loss since the last line, the share of units that are never positive on
 batch at each ReLU (dead for that batch, dropout on), and the std of the logits in eval
 mode. Shows whether a seed trains in training mode at all.
 
-    python benchmarks/scripts/net2_first_steps.py SEED [STEPS] [EVERY]
+With ``--force-calibration`` the net is activated with start-up calibration forced to
+fire (``calibrate_threshold=0.99``, recipe ``safe``): does rescaling net 2 on the first
+batch move a seed off its plateau?
+
+    python benchmarks/scripts/net2_first_steps.py SEED [STEPS] [EVERY] [--force-calibration]
 """
 
 import sys
@@ -15,18 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import deepopt
 from deepopt.bench.data import load_cifar10
 from deepopt.bench.nets import build_net
 from deepopt.bench.train import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY
 
-seed = int(sys.argv[1])
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
-every = int(sys.argv[3]) if len(sys.argv) > 3 else 25
+force_calibration = "--force-calibration" in sys.argv
+numbers = [a for a in sys.argv[1:] if a != "--force-calibration"]
+seed = int(numbers[0])
+steps = int(numbers[1]) if len(numbers) > 1 else 300
+every = int(numbers[2]) if len(numbers) > 2 else 25
 torch.set_num_threads(1)
 x, y, _, _ = load_cifar10("../shared/data/cifar10-jpeg.tar")
 torch.manual_seed(seed)  # as deepopt.bench.train.run: weights, then the data order
 model = build_net(2)
 opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+if force_calibration:
+    model, opt = deepopt.activate(model, opt, recipe="safe", calibrate_threshold=0.99)
 perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
 relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
 dead: dict[nn.Module, float] = {}
@@ -38,7 +47,7 @@ def record(module, _inp, out):
 
 for r in relus:
     r.register_forward_hook(record)
-print(f"net 2, seed {seed}: step, mean loss, share of dead units per ReLU (train mode), eval logit std")
+print(f"net 2, seed {seed}{', calibration forced' if force_calibration else ''}: step, mean loss, share of dead units per ReLU (train mode), eval logit std")
 losses = []
 for step in range(steps):
     idx = perm[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
@@ -48,10 +57,12 @@ for step in range(steps):
     loss.backward()
     opt.step()
     losses.append(loss.item())
-    if (step + 1) % every == 0:
+    if (step + 1) % every == 0 or step + 1 == steps:
         model.eval()
         with torch.no_grad():
             logit_std = model(x[idx]).std().item()
         print(f"{step + 1:5d}  {sum(losses) / len(losses):.3f}  "
               + " ".join(f"{dead[r]:.2f}" for r in relus) + f"  {logit_std:.2g}", flush=True)
         losses = []
+if force_calibration:
+    print(f"calibration applied: {opt.calibrated}")

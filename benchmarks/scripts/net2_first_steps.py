@@ -13,7 +13,7 @@ batch move a seed off its plateau?
     python benchmarks/scripts/net2_first_steps.py SEED [STEPS] [EVERY] [--force-calibration]
 """
 
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,13 @@ from deepopt.bench.data import load_cifar10
 from deepopt.bench.nets import build_net
 from deepopt.bench.train import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY
 
-force_calibration = "--force-calibration" in sys.argv
-numbers = [a for a in sys.argv[1:] if a != "--force-calibration"]
-seed = int(numbers[0])
-steps = int(numbers[1]) if len(numbers) > 1 else 300
-every = int(numbers[2]) if len(numbers) > 2 else 25
+parser = argparse.ArgumentParser(description="Net 2's first training steps, per seed.")
+parser.add_argument("seed", type=int)
+parser.add_argument("steps", type=int, nargs="?", default=300)
+parser.add_argument("every", type=int, nargs="?", default=25)
+parser.add_argument("--force-calibration", action="store_true")
+args = parser.parse_args()
+seed, steps, every, force_calibration = args.seed, args.steps, args.every, args.force_calibration
 torch.set_num_threads(1)
 x, y, _, _ = load_cifar10("../shared/data/cifar10-jpeg.tar")
 torch.manual_seed(seed)  # as deepopt.bench.train.run: weights, then the data order

@@ -131,3 +131,31 @@ def test_average_every_k_folds_every_kth_iterate_with_the_same_horizon():
     again.load_state_dict(state)
     again.update([torch.tensor([5.0])])
     assert again.calls == ema.calls == 1 and torch.equal(again.tensors[0], ema.tensors[0])
+
+
+def test_average_restart_also_acts_on_a_two_pass_sam_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = deepopt.activate(model, opt, average="phase", average_restart=True, sam_rho=0.05)
+    x = torch.randn(16, 3)
+    seen, first = [], []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        if not first:  # the weights of SAM's first pass, after the forward's hooks
+            first.append([p.detach().clone() for p in model.parameters()])
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+        seen.append([p.detach().clone() for p in model.parameters()])
+    for g in opt.param_groups:
+        g["lr"] = 0.01  # what a scheduler's drop does
+    first.clear()
+    opt.step(closure)
+    expected = [torch.stack(ws).mean(0) for ws in zip(*seen)]
+    for p, e in zip(first[0], expected):
+        torch.testing.assert_close(p, e)

@@ -64,3 +64,33 @@ def test_vanishing_net_trains_only_when_activated():
         losses = train(model, opt, x, y, steps=150, batch=32)
         final[enabled] = sum(losses[-20:]) / 20
     assert final[True] < 0.8 * final[False]
+
+
+def test_two_pass_sam_calibrates_on_the_first_forward_of_its_closure():
+    # step(closure) holds the model hooks for SAM's two passes; the first pass must
+    # still calibrate, with the same factors as a plain step on the same batch.
+    x, y = data(n=256)
+    weights = {}
+    for recipe, closure in (("default", False), ("thorough", True)):
+        torch.manual_seed(0)
+        model = deep_plain(8)
+        model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                      recipe=recipe)
+        train(model, opt, x, y, steps=1, batch=32, closure=closure)
+        assert opt.calibrated is True, recipe
+        weights[recipe] = params_of(model)
+    for a, b in zip(weights["default"], weights["thorough"]):
+        assert torch.equal(a, b)  # lr 0: the weights are the calibrated ones
+
+
+def test_vanishing_net_trains_under_two_pass_sam():
+    x, y = data(n=256)
+    final = {}
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = deep_plain(8)
+        model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                      recipe="thorough", enabled=enabled)
+        losses = train(model, opt, x, y, steps=150, batch=32, closure=True)
+        final[enabled] = sum(losses[-20:]) / 20
+    assert final[True] < 0.8 * final[False]

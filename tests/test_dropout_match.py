@@ -72,7 +72,7 @@ def test_gate_keeps_nothing_on_a_net_without_dropout():
     assert scales == [1.0, 1.0] and keep is False
 
 
-def train_pair(overrides: dict, steps: int = 12, evals: bool = True):
+def train_pair(overrides: dict, steps: int = 12, evals: bool = True, closure: bool = False):
     """A dropout net trained with an evaluation after every 3 steps; weights and eval outputs."""
     x, y = data("vec", n=96)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def train_pair(overrides: dict, steps: int = 12, evals: bool = True):
         model, opt = deepopt.activate(model, opt, **overrides)
     outputs = []
     for start in range(0, steps, 3):
-        train(model, opt, x, y, steps=3, start=start)
+        train(model, opt, x, y, steps=3, start=start, closure=closure)
         if evals:
             model.eval()
             with torch.no_grad():
@@ -130,6 +130,16 @@ def test_kept_factors_change_only_the_evaluated_weights(always_keep):
     assert not torch.equal(out[-1], ref_out[-1])
     model.train()
     assert torch.equal(model.state_dict()["3.weight"], ref.state_dict()["3.weight"])
+
+
+def test_two_pass_sam_steps_are_measured_and_matched_too(always_keep):
+    # SAM's closures run with the model hooks held; the training batch must still be kept.
+    model, opt, out = train_pair({"recipe": "thorough"}, closure=True)
+    assert opt.dropout_match.step == 12 and opt.dropout_match.keep
+    model.eval()
+    shown = model.state_dict()["3.weight"].clone()  # state_dict() holds the live tensors
+    model.train()
+    assert torch.equal(shown, 2 * model.state_dict()["3.weight"])
 
 
 def test_frozen_layers_are_never_rescaled(always_keep):

@@ -124,6 +124,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._shown: list[Tensor] = []
         self._backup: list[Tensor] = []
         self._hold = False  # mechanisms paused (inside calibration / two-pass SAM)
+        self._sam_first_pass = False  # two-pass SAM's first forward is still to come
         self._pending_train_values: list[Tensor] | None = None
         self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
         self._buffer_cache: list[Tensor] = []
@@ -266,6 +267,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._show("train")
         self._snapshot_buffers()  # the model hooks are on hold during the closures
         self._hold = True
+        self._sam_first_pass = True  # ... but for what starts a training step (_on_forward)
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -280,7 +282,7 @@ class DeepOptimizer(torch.optim.Optimizer):
                 ortho = self._sam_second_pass(closure, with_grad)
         finally:
             self._show("train")
-            self._hold = False
+            self._hold = self._sam_first_pass = False
         if not self._finite(None):
             return loss
         self._base_step(kwargs)
@@ -494,26 +496,36 @@ class DeepOptimizer(torch.optim.Optimizer):
 
     # -- model hooks ---------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._hold:
-            return
         grad = torch.is_grad_enabled()
+        if self._hold:
+            # Two-pass SAM holds the views, but its first forward still starts a training
+            # step: without this, step(closure) would never calibrate or match dropout.
+            if self._sam_first_pass and grad and module.training:
+                self._sam_first_pass = False
+                self._start_training_forward(module, args, kwargs)
+            return
         if not module.training:
             self._show("eval")
             return
-        if self.calibrated is None and grad:
-            self._calibrate(module, args, kwargs)
-        if self.settings.average_restart and grad:
-            self._restart_from_average()
+        if grad:
+            self._start_training_forward(module, args, kwargs)
         self._params_stale = True  # requires_grad may have changed since the last forward
-        if self.dropout_match is not None and grad:
-            # An epoch's short last batch would make a noisy measurement: keep the one
-            # before it (any training inputs will do; the weights measured are current).
-            if self._last_batch is None or 2 * batch_size(args, kwargs) >= batch_size(*self._last_batch):
-                self._last_batch = (args, kwargs)
         self._show("perturbed" if grad and self._perturbs else "train")
         if grad:
             self._snapshot_buffers()
         self._forward_ok = False
+
+    def _start_training_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """What the first training forward of a step does, whichever way the step runs."""
+        if self.calibrated is None:
+            self._calibrate(module, args, kwargs)
+        if self.settings.average_restart:
+            self._restart_from_average()
+        if self.dropout_match is not None:
+            # An epoch's short last batch would make a noisy measurement: keep the one
+            # before it (any training inputs will do; the weights measured are current).
+            if self._last_batch is None or 2 * batch_size(args, kwargs) >= batch_size(*self._last_batch):
+                self._last_batch = (args, kwargs)
 
     def _on_forward_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._forward_ok = True
@@ -556,7 +568,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _calibrate(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Measuring must not change the trajectory of a net that needs no calibration:
         # keep the RNG (dropout) and the BatchNorm running statistics as they were.
-        self._hold = True
+        held, self._hold = self._hold, True
         rng = torch.get_rng_state()
         buffers = list(module.buffers())
         saved = [b.clone() for b in buffers]
@@ -569,7 +581,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             torch.set_rng_state(rng)
             for b, s in zip(buffers, saved):
                 b.copy_(s)
-            self._hold = False
+            self._hold = held
 
     # -- checkpoints ---------------------------------------------------------------------
     def _train_values(self) -> list[Tensor]:

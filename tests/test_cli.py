@@ -168,6 +168,16 @@ def test_deep_net_pair_differs_only_through_calibration():
     assert off["deepopt"]["train_loss"] == off["classical"]["train_loss"] == pair["classical"]["train_loss"]
 
 
+def test_thorough_demo_calibrates_the_deep_net_through_step_closure():
+    # The thorough recipe trains through optimizer.step(closure) (two-pass SAM); its
+    # first pass must calibrate as the default recipe's plain step does.
+    torch.set_num_threads(1)
+    data = {k: v[:128] for k, v in demo.load_mnist1d().items()}
+    pair = demo.train_pair(data, net="deep", epochs=1, seed=1, batch_size=64, recipe="thorough")
+    assert pair["deepopt"]["calibrated"] is True and pair["deepopt"]["signal_ratio"] < 1e-3
+    assert pair["classical"]["train_loss"] != pair["deepopt"]["train_loss"]
+
+
 def test_cause_names_the_mechanism_that_acted():
     def result(calibrated, skipped, **settings):
         rec = {"calibrated": calibrated, "skipped_steps": skipped, "signal_ratio": 2e-4,

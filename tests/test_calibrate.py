@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,15 +54,17 @@ def test_healthy_net_is_left_alone_bit_identically():
         assert torch.equal(a, b)
 
 
-def test_vanishing_net_trains_only_when_activated():
+@pytest.mark.parametrize("recipe, closure", [("safe", False), ("thorough", True)])
+def test_vanishing_net_trains_only_when_activated(recipe, closure):
+    # thorough: step(closure), two-pass SAM; its first pass calibrates as a plain step does.
     x, y = data(n=256)
     final = {}
     for enabled in (False, True):
         torch.manual_seed(0)
         model = deep_plain(8)
         model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                      recipe="safe", enabled=enabled)
-        losses = train(model, opt, x, y, steps=150, batch=32)
+                                      recipe=recipe, enabled=enabled)
+        losses = train(model, opt, x, y, steps=150, batch=32, closure=closure)
         final[enabled] = sum(losses[-20:]) / 20
     assert final[True] < 0.8 * final[False]
 
@@ -82,15 +85,3 @@ def test_two_pass_sam_calibrates_on_the_first_forward_of_its_closure():
     for a, b in zip(weights["default"], weights["thorough"]):
         assert torch.equal(a, b)  # lr 0: the weights are the calibrated ones
 
-
-def test_vanishing_net_trains_under_two_pass_sam():
-    x, y = data(n=256)
-    final = {}
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        model = deep_plain(8)
-        model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                      recipe="thorough", enabled=enabled)
-        losses = train(model, opt, x, y, steps=150, batch=32, closure=True)
-        final[enabled] = sum(losses[-20:]) / 20
-    assert final[True] < 0.8 * final[False]

@@ -84,4 +84,3 @@ def test_two_pass_sam_calibrates_on_the_first_forward_of_its_closure():
         weights[recipe] = params_of(model)
     for a, b in zip(weights["default"], weights["thorough"]):
         assert torch.equal(a, b)  # lr 0: the weights are the calibrated ones
-

@@ -57,9 +57,16 @@ class Settings:
             alpha 0.7 (BENCHMARKS.md, section 1).
         lookahead_k: Lookahead slow/fast weights, sync every ``k`` steps; 0 turns it off.
         lookahead_alpha: Lookahead's step of the slow weights towards the fast, in (0, 1].
-        average: ``None``, ``"ema"`` or ``"phase"`` (uniform average within the
-            current LR phase); what ``model.eval()`` computes with.
+        average: ``None``, ``"ema"``, ``"power"`` (power-function EMA, Karras et al. 2024:
+            its window is ``average_width`` of the steps taken so far, so it needs no
+            horizon) or ``"phase"`` (uniform average within the current LR phase); what
+            ``model.eval()`` computes with.
         ema_decay: EMA decay in ``[0, 1)``.
+        average_width: the power-function EMA's relative width ``sigma_rel`` in
+            ``(0, 0.28)``: 0.05 averages roughly the last tenth of the steps so far.
+        average_follows_lr: shrink the averaging window in proportion to
+            ``lr / (largest lr so far)``: where a schedule anneals the LR to zero the
+            average converges to the iterate, which the schedule has already averaged.
         average_every: fold the weights into the average every ``k``-th step only (the
             EMA decay is adjusted to keep its horizon in steps): ``1/k`` of the cost.
         average_restart: when the learning rate changes (an LR drop), training continues
@@ -101,6 +108,8 @@ class Settings:
     lookahead_alpha: float = 0.5
     average: str | None = None
     ema_decay: float = 0.999
+    average_width: float = 0.05
+    average_follows_lr: bool = False
     average_every: int = 1
     average_restart: bool = False
     dropout_match: bool = False
@@ -111,13 +120,13 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ``ValueError`` naming the field, the value and the valid range."""
-        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "dropout_match", "calibrate",
-                     "guard"):
+        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "average_follows_lr",
+                     "dropout_match", "calibrate", "guard"):
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
         for name in ("rho", "noise", "sam_rho", "sam_lr_fraction", "sam_lr_ceiling", "sam_reuse", "lookahead_alpha", "ema_decay",
-                     "calibrate_threshold"):
+                     "average_width", "calibrate_threshold"):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
@@ -149,8 +158,12 @@ class Settings:
             raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
-        if self.average not in (None, "ema", "phase"):
-            raise ValueError(f"average={self.average!r} is invalid: use None, 'ema' or 'phase'.")
+        if self.average not in (None, "ema", "power", "phase"):
+            raise ValueError(f"average={self.average!r} is invalid: use None, 'ema', 'power' or 'phase'.")
+        if not 0.0 < self.average_width < 0.28:
+            raise ValueError(
+                f"average_width={self.average_width!r} is invalid: it must lie in (0, 0.28), e.g. 0.05."
+            )
         if self.average_restart and self.average is None:
             raise ValueError(
                 "average_restart=True is invalid without averaging: also pass average='ema' or "

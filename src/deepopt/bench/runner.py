@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(options: deepopt bench overhead --help)")
     sub.add_parser("mnist1d", help="MNIST-1D classical/activated pairs for MLP, CNN, GRU -> "
                    "mnist1d.jsonl (options: deepopt bench mnist1d --help)")
+    sub.add_parser("zoo", help="the setups users run (schedules, optimizers, nets, losses), paired "
+                   "by seed -> zoo.jsonl (options: deepopt bench zoo --help)")
     for name, help_, description in (
         ("ablation", "mechanism ablation -> ablation.jsonl",
          "Train seed6 nets under the protocol with one candidate mechanism each (--mechanisms), "
@@ -222,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         from .mnist1d import main as mnist1d_main
 
         return mnist1d_main(argv[1:])
+    if argv[:1] == ["zoo"]:  # the setups users run, its own options
+        from .zoo import main as zoo_main
+
+        return zoo_main(argv[1:])
     args = _parser().parse_args(argv)
     import torch
 

@@ -5,6 +5,9 @@ trajectory is kept beside them and is what ``model.eval()`` computes with.
 
 * ``"ema"``: exponential moving average with decay warm-up (as in timm's ModelEma):
   ``d_t = min(decay, (1 + t) / (10 + t))``, ``a <- d_t a + (1 - d_t) w``.
+* ``"power"``: power-function EMA (Karras et al. 2024, EDM2): iterate ``tau`` weighs
+  ``tau ** gamma``, a window that is a fixed fraction (``width``, ``sigma_rel``) of the
+  steps taken so far, so it needs no horizon (which ``activate`` cannot know).
 * ``"phase"``: a uniform (SWA-style, Izmailov et al. 2018) average that restarts
   whenever the learning rate changes, so it averages within the current LR phase
   and never mixes the weights of a high-LR phase into a low-LR one.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ema_decay", "average_", "WeightAverage"]
+__all__ = ["ema_decay", "power_gamma", "power_weight", "lr_window", "average_", "WeightAverage"]
 
 
 def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
@@ -42,6 +45,59 @@ def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
     if not warmup:
         return decay
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent ``gamma`` of a power-function EMA of relative width ``sigma_rel``.
+
+    Karras et al. 2024 (EDM2, eq. 3): the average weights iterate ``tau`` by
+    ``tau ** gamma``, a window whose standard deviation is ``sigma_rel`` times the
+    steps taken so far, whatever the run's length. Solves
+    ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 (gamma + 3))``.
+
+    Example:
+        >>> round(power_gamma(0.10), 2), round(power_gamma(0.05), 2)
+        (6.94, 16.97)
+    """
+    if not 0.0 < sigma_rel < 0.28:  # gamma > 0 needs sigma_rel below sqrt(1/12) ~ 0.289
+        raise ValueError(f"sigma_rel={sigma_rel!r} is invalid: it must lie in (0, 0.28), e.g. 0.1.")
+    lo, hi = 0.0, 1e6  # the width falls monotonically with gamma: bisect
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > sigma_rel**2:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def power_weight(count: int, gamma: float) -> float:
+    """Weight of iterate number ``count`` (1-based) in a power-function EMA.
+
+    ``1 - (1 - 1/count) ** (gamma + 1)``: the first iterate is copied, and the average
+    stays the ``tau ** gamma``-weighted mean of all iterates so far.
+
+    Example:
+        >>> power_weight(1, 6.94), round(power_weight(100, 6.94), 4)
+        (1.0, 0.0767)
+    """
+    return 1.0 - (1.0 - 1.0 / count) ** (gamma + 1.0)
+
+
+def lr_window(weight: float, lr: float, max_lr: float) -> float:
+    """Widen an averaging ``weight`` as the LR falls below its largest value so far.
+
+    ``min(1, weight * max_lr / lr)``: the window (in steps) shrinks in proportion to
+    the LR, so where a schedule anneals the LR to zero the average converges to the
+    iterate, which the schedule has already averaged (Sandler et al. 2023).
+
+    Example:
+        >>> lr_window(0.01, lr=0.1, max_lr=0.1), lr_window(0.01, lr=0.001, max_lr=0.1)
+        (0.01, 1.0)
+    """
+    if lr <= 0.0 or max_lr <= 0.0:
+        return 1.0 if max_lr > 0.0 else weight
+    return min(1.0, weight * max_lr / lr)
 
 
 @torch.no_grad()
@@ -67,11 +123,13 @@ class WeightAverage:
     """Running average of a list of tensors (parameters, then buffers).
 
     Args:
-        kind: ``"ema"`` or ``"phase"`` (see the module docstring).
-        decay: EMA decay in ``[0, 1)``.
-        warmup: use the EMA decay warm-up.
+        kind: ``"ema"``, ``"power"`` or ``"phase"`` (see the module docstring).
+        decay: EMA decay in ``[0, 1)`` (``"ema"``).
+        warmup: use the EMA decay warm-up (``"ema"``).
         every: fold in only every ``every``-th call (the EMA decay becomes
             ``decay ** every``, the same horizon in steps): ``1/every`` of the cost.
+        width: the power-function EMA's relative width ``sigma_rel`` (``"power"``).
+        follows_lr: shrink the window with the LR (:func:`lr_window`).
 
     Example:
         >>> import torch
@@ -82,19 +140,34 @@ class WeightAverage:
         tensor([2.])
     """
 
-    def __init__(self, kind: str = "ema", decay: float = 0.999, warmup: bool = True, every: int = 1) -> None:
+    def __init__(self, kind: str = "ema", decay: float = 0.999, warmup: bool = True, every: int = 1,
+                 width: float = 0.05, follows_lr: bool = False) -> None:
         self.kind = kind
         self.decay = decay
         self.warmup = warmup
         self.every = every
+        self.gamma = power_gamma(width) if kind == "power" else 0.0
+        self.follows_lr = follows_lr
         self.calls = 0  # calls since the last fold
         self.tensors: list[Tensor] | None = None
         self.count = 0  # updates folded into the current average
         self.lr: float | None = None  # LR of the current phase ("phase" kind)
 
+    def weight(self, lr: float | None, max_lr: float | None) -> float:
+        """Weight of the next iterate folded in (the average holds ``count`` already)."""
+        if self.kind == "ema":
+            weight = 1.0 - ema_decay(self.count - 1, self.decay**self.every, self.warmup)
+        elif self.kind == "power":
+            weight = power_weight(self.count + 1, self.gamma)
+        else:
+            weight = 1.0 / (self.count + 1)
+        if self.follows_lr and lr is not None and max_lr is not None:
+            weight = lr_window(weight, lr, max_lr)
+        return weight
+
     @torch.no_grad()
-    def update(self, current: list[Tensor], lr: float | None = None) -> None:
-        """Fold ``current`` into the average (``lr``: the LR the step used)."""
+    def update(self, current: list[Tensor], lr: float | None = None, max_lr: float | None = None) -> None:
+        """Fold ``current`` into the average (``lr``: the LR the step used; ``max_lr``: the largest so far)."""
         restart = self.kind == "phase" and lr is not None and lr != self.lr
         if self.tensors is None or restart or len(self.tensors) != len(current):
             self.tensors = [t.detach().clone() for t in current]
@@ -104,11 +177,7 @@ class WeightAverage:
         if self.calls < self.every:
             return
         self.calls = 0
-        if self.kind == "ema":
-            weight = 1.0 - ema_decay(self.count - 1, self.decay**self.every, self.warmup)
-        else:
-            weight = 1.0 / (self.count + 1)
-        average_(self.tensors, current, weight)
+        average_(self.tensors, current, self.weight(lr, max_lr))
         self.count += 1
 
     def state_dict(self) -> dict:

@@ -1,0 +1,768 @@
+"""``deepopt bench zoo``: the training setups users run, small enough for seconds each.
+
+The seed benchmark and the MNIST-1D suite train under step-drop schedules only, where
+any weight average is worth about nothing by construction (the schedule already
+averages). The zoo spans what people really run: no schedule, StepLR, cosine to zero,
+OneCycle, warm-up + linear decay, ReduceLROnPlateau and the seed's drops; SGD, momentum
+and Nesterov, Adam, AdamW, RMSprop; MLPs, plain and BatchNorm CNNs, residual nets, a
+GRU and an LSTM, Transformer encoders with dropout, regression MLPs; cross-entropy,
+label smoothing, BCE, MSE and a loss with a penalty term; data shipped offline
+(MNIST-1D, scikit-learn's bundled sets) and a CIFAR-10 subset when ``--data`` is given.
+
+Every setup has a train, a validation and a test split (fixed, generator seed 0).
+Settings are chosen on ``split == "val"`` rows only; figures are reported from the
+``"test"`` rows. One run trains once per (setup, seed) and writes a row per mode and
+split:
+
+* ``classical``: the user's loop as written. Evaluation-only candidates (weight
+  averages, see :data:`OBSERVERS`) ride on the same trajectory: the training weights
+  are bit-identical by construction, so each is paired with classical exactly, and its
+  ``sec_per_step`` is the classical step plus its own measured update;
+* modes that change training (``deepopt`` through :func:`deepopt.activate`, the exact
+  SAM peer) are runs of their own, on the same seed and data order.
+
+The metric is higher-is-better in points: accuracy in % for classification, and
+``R^2`` in % (100 (1 - MSE / variance of the targets)) for regression.
+
+Example (shell)::
+
+    deepopt bench zoo --seeds 0 1 2 3 4            # the offline setups
+    deepopt bench zoo --data ../shared/data/cifar10-jpeg.tar --setups cifar-cnn-sgdm-const
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepopt.mechanisms.average import (
+    average_,
+    ema_decay,
+    lr_window,
+    power_gamma,
+    power_weight,
+)
+
+__all__ = ["SETUPS", "OBSERVERS", "Setup", "load_data", "run_setup", "main"]
+
+DEFAULT_OUT = "benchmarks/results/zoo.jsonl"
+
+# -- data ------------------------------------------------------------------------------
+
+
+def _split(n: int, val: float, test: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_val = int(round(val * n))
+    n_test = 0 if test is None else int(round(test * n))
+    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+
+
+def _standardized(parts: dict[str, Tensor], regression: bool) -> dict[str, Tensor]:
+    """Features (and regression targets) standardized with the training split's statistics."""
+    mean, std = parts["x"].mean(0), parts["x"].std(0).clamp_min(1e-6)
+    out = {k: (v - mean) / std if k.startswith("x") else v for k, v in parts.items()}
+    if regression:
+        ym, ys = parts["y"].mean(), parts["y"].std()
+        out.update({k: (v - ym) / ys for k, v in parts.items() if k.startswith("y")})
+    return out
+
+
+def _sklearn(name: str) -> dict[str, Tensor]:
+    from sklearn import datasets
+
+    if name == "friedman1":
+        x, y = datasets.make_friedman1(n_samples=2000, noise=1.0, random_state=0)
+    else:
+        x, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    regression = name in ("diabetes", "friedman1")
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32 if regression else torch.int64)
+    tr, va, te = _split(len(y), 0.2, 0.2)
+    parts = {"x": x[tr], "y": y[tr], "x_val": x[va], "y_val": y[va], "x_test": x[te], "y_test": y[te]}
+    return _standardized(parts, regression)
+
+
+def _mnist1d() -> dict[str, Tensor]:
+    from deepopt.datasets import load_mnist1d
+
+    d = load_mnist1d()
+    tr, va, _ = _split(len(d["y"]), 0.2, None)
+    return {"x": d["x"][tr], "y": d["y"][tr], "x_val": d["x"][va], "y_val": d["y"][va],
+            "x_test": d["x_test"], "y_test": d["y_test"]}
+
+
+def _cifar(path: str | None, train: int = 5000, val: int = 1000, test: int = 2000) -> dict[str, Tensor]:
+    if path is None:
+        raise FileNotFoundError("the CIFAR-10 setups need --data PATH (e.g. ../shared/data/cifar10-jpeg.tar)")
+    from .data import load_cifar10_uint8, standardize
+
+    x, y, xt, yt = load_cifar10_uint8(path)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=g)[: train + val].numpy()
+    test_idx = torch.randperm(len(yt), generator=g)[:test].numpy()
+    y, yt = torch.from_numpy(y), torch.from_numpy(yt)
+    tr, va = order[:train], order[train:]
+    return {"x": standardize(x[tr]), "y": y[tr], "x_val": standardize(x[va]), "y_val": y[va],
+            "x_test": standardize(xt[test_idx]), "y_test": yt[test_idx]}
+
+
+_DATA_CACHE: dict[str, dict[str, Tensor]] = {}
+
+
+def load_data(name: str, cifar: str | None = None) -> dict[str, Tensor]:
+    """One dataset as ``x, y, x_val, y_val, x_test, y_test`` tensors (fixed splits)."""
+    if name not in _DATA_CACHE:
+        if name == "mnist1d":
+            _DATA_CACHE[name] = _mnist1d()
+        elif name == "cifar10":
+            _DATA_CACHE[name] = _cifar(cifar)
+        else:
+            _DATA_CACHE[name] = _sklearn(name)
+    return _DATA_CACHE[name]
+
+
+# -- networks --------------------------------------------------------------------------
+
+
+def mlp(n_in: int, n_out: int, width: int = 128, depth: int = 2, dropout: float = 0.0) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else width, width), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(width, n_out))
+
+
+class Conv1dNet(nn.Module):
+    """Three stride-2 convs (optionally with BatchNorm) and a linear head, for 40-long signals."""
+
+    def __init__(self, bn: bool, channels: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 1
+        for k in (5, 3, 3):
+            layers += [nn.Conv1d(c, channels, k, stride=2, padding=1, bias=not bn)]
+            layers += [nn.BatchNorm1d(channels)] if bn else []
+            layers += [nn.ReLU()]
+            c = channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * 5, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x.view(len(x), 1, -1)).flatten(1))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, conv: Callable[..., nn.Module], norm: Callable[[int], nn.Module], c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv(c, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+                                  conv(c, c, 3, padding=1, bias=False), norm(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x + self.body(x)).relu()
+
+
+class ResNet(nn.Module):
+    """A stem conv, two residual blocks with BatchNorm, global average pool, linear head."""
+
+    def __init__(self, dims: int, in_channels: int, channels: int = 32, classes: int = 10,
+                 stem_stride: int = 1) -> None:
+        super().__init__()
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        pool = nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)
+        self.dims, self.in_channels = dims, in_channels
+        self.net = nn.Sequential(
+            conv(in_channels, channels, 3, stride=stem_stride, padding=1, bias=False), norm(channels), nn.ReLU(),
+            ResBlock(conv, norm, channels), pool, ResBlock(conv, norm, channels),
+        )
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dims == 1:
+            x = x.view(len(x), 1, -1)
+        h = self.net(x)
+        return self.head(h.flatten(2).mean(2))
+
+
+class Conv2dNet(nn.Module):
+    """conv-pool-conv-pool (optionally BatchNorm) and a linear head, for small images."""
+
+    def __init__(self, in_channels: int, side: int, bn: bool, classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn),
+                    *([nn.BatchNorm2d(cout)] if bn else []), nn.ReLU(), nn.MaxPool2d(2)]
+        self.in_channels, self.side = in_channels, side
+        self.features = nn.Sequential(*block(in_channels, width), *block(width, 2 * width))
+        self.head = nn.Linear(2 * width * (side // 4) ** 2, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.view(len(x), self.in_channels, self.side, self.side)
+        return self.head(self.features(x).flatten(1))
+
+
+class RNNNet(nn.Module):
+    """A GRU or LSTM over the signal (``chunk`` values per step), last hidden state -> linear."""
+
+    def __init__(self, kind: str, hidden: int = 32, chunk: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(chunk, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.view(len(x), -1, self.chunk))
+        return self.head(out[:, -1])
+
+
+class TransformerNet(nn.Module):
+    """Tokens of ``patch`` values, a learned position embedding, a 2-layer encoder with dropout."""
+
+    def __init__(self, length: int, patch: int, d: int = 32, classes: int = 10, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch, d)
+        self.pos = nn.Parameter(torch.zeros(1, length // patch, d))
+        layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=2 * d, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.reshape(len(x), -1, self.patch)) + self.pos
+        return self.head(self.encoder(h).mean(1))
+
+
+def seed_net6() -> nn.Module:
+    from .nets import build_net
+
+    return build_net(6)
+
+
+# -- losses and schedules --------------------------------------------------------------
+
+
+def cross_entropy(out: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    return F.cross_entropy(out, y)
+
+
+def label_smoothing(out: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    return F.cross_entropy(out, y, label_smoothing=0.1)
+
+
+def bce(out: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    return F.binary_cross_entropy_with_logits(out.squeeze(1), y.float())
+
+
+def mse(out: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    return F.mse_loss(out.squeeze(1), y)
+
+
+def mse_l1(out: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    """MSE plus an L1 penalty on the weight matrices (a regularizer written into the loss)."""
+    penalty = sum(p.abs().sum() for n, p in model.named_parameters() if p.dim() > 1)
+    return F.mse_loss(out.squeeze(1), y) + 1e-4 * penalty
+
+
+def schedule(kind: str, opt: torch.optim.Optimizer, steps: int, epochs: int) -> Any:
+    """The LR scheduler ``kind`` over ``steps`` optimizer steps (``epochs`` epochs)."""
+    lr = opt.param_groups[0]["lr"]
+    if kind == "none":
+        return None
+    if kind == "step":  # x0.3 every third of the run, stepped per batch
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, steps // 3), gamma=0.3)
+    if kind == "drops":  # the seed protocol's shape: /10 at 30, 60 and 80% of the run
+        return torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[int(f * steps) for f in (0.3, 0.6, 0.8)], gamma=0.1)
+    if kind == "multistep":  # /10 at 50 and 75%
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[steps // 2, 3 * steps // 4], gamma=0.1)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    if kind == "warmup-linear":  # 10% linear warm-up, then linear decay to zero
+        warm = max(1, steps // 10)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
+    if kind == "plateau":  # stepped per epoch on the training loss (never the val split)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=max(1, epochs // 10))
+    raise ValueError(f"schedule {kind!r} is unknown")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training setup: data, network, loss, optimizer, schedule and budget."""
+
+    name: str
+    family: str
+    data: str
+    net: Callable[[], nn.Module]
+    optimizer: Callable[[Any], torch.optim.Optimizer]
+    schedule: str
+    loss: Callable[[Tensor, Tensor, nn.Module], Tensor]
+    epochs: int
+    batch_size: int = 64
+    task: str = "classification"  # "classification" | "binary" | "regression"
+    eval_points: int = 4  # evaluate the averages at this many evenly spaced epochs
+    notes: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+
+def _sgd(lr: float, momentum: float = 0.0, nesterov: bool = False, wd: float = 0.0):
+    return lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+
+
+def _adam(lr: float):
+    return lambda p: torch.optim.Adam(p, lr=lr)
+
+
+def _adamw(lr: float, wd: float = 0.01):
+    return lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=wd)
+
+
+def _rmsprop(lr: float):
+    return lambda p: torch.optim.RMSprop(p, lr=lr)
+
+
+_SETUPS = [
+    Setup("digits-mlp-adam-none", "MLP", "digits", lambda: mlp(64, 10), _adam(1e-3), "none",
+          cross_entropy, 30, 32),
+    Setup("digits-cnnbn-sgd-none", "CNN + BatchNorm", "digits", lambda: Conv2dNet(1, 8, bn=True),
+          _sgd(0.05), "none", cross_entropy, 20, 32),
+    Setup("digits-transformer-adam-none", "Transformer", "digits",
+          lambda: TransformerNet(64, 8), _adam(1e-3), "none", cross_entropy, 30, 32),
+    Setup("mnist1d-mlp-sgdm-step", "MLP", "mnist1d", lambda: mlp(40, 10), _sgd(0.02, 0.9), "step",
+          cross_entropy, 30),
+    Setup("mnist1d-mlpdrop-sgd-none", "MLP", "mnist1d", lambda: mlp(40, 10, 256, dropout=0.2),
+          _sgd(0.05), "none", cross_entropy, 40),
+    Setup("mnist1d-cnn-adamw-cosine", "CNN", "mnist1d", lambda: Conv1dNet(bn=False), _adamw(3e-3),
+          "cosine", cross_entropy, 30),
+    Setup("mnist1d-cnnbn-nesterov-onecycle", "CNN + BatchNorm", "mnist1d", lambda: Conv1dNet(bn=True),
+          _sgd(0.1, 0.9, nesterov=True, wd=5e-4), "onecycle", label_smoothing, 20),
+    Setup("mnist1d-resnet-sgdm-multistep", "ResNet", "mnist1d", lambda: ResNet(1, 1),
+          _sgd(0.05, 0.9, wd=5e-4), "multistep", cross_entropy, 15),
+    Setup("mnist1d-gru-adam-plateau", "RNN", "mnist1d", lambda: RNNNet("gru"), _adam(3e-3), "plateau",
+          cross_entropy, 20),
+    Setup("mnist1d-lstm-rmsprop-none", "RNN", "mnist1d", lambda: RNNNet("lstm"), _rmsprop(2e-3), "none",
+          cross_entropy, 20),
+    Setup("mnist1d-transformer-adamw-warmup", "Transformer", "mnist1d", lambda: TransformerNet(40, 4),
+          _adamw(2e-3), "warmup-linear", cross_entropy, 25),
+    Setup("breast-mlp-rmsprop-none", "MLP (binary)", "breast_cancer", lambda: mlp(30, 1, 64),
+          _rmsprop(1e-3), "none", bce, 40, 32, task="binary"),
+    Setup("breast-mlp-sgdm-cosine", "MLP (binary)", "breast_cancer", lambda: mlp(30, 1, 64),
+          _sgd(0.01, 0.9), "cosine", bce, 40, 32, task="binary"),
+    Setup("diabetes-mlp-adam-none", "MLP regression", "diabetes", lambda: mlp(10, 1, 64), _adam(1e-3),
+          "none", mse_l1, 60, 32, task="regression"),
+    Setup("friedman-mlp-sgdm-cosine", "MLP regression", "friedman1", lambda: mlp(10, 1), _sgd(0.01, 0.9),
+          "cosine", mse_l1, 40, 32, task="regression"),
+    Setup("friedman-mlp-adamw-onecycle", "MLP regression", "friedman1", lambda: mlp(10, 1), _adamw(3e-3),
+          "onecycle", mse, 40, 32, task="regression"),
+    Setup("cifar-cnn-sgdm-none", "CNN", "cifar10", lambda: Conv2dNet(3, 32, bn=False, width=16),
+          _sgd(0.01, 0.9), "none", cross_entropy, 8),
+    Setup("cifar-resnet-adam-cosine", "ResNet", "cifar10", lambda: ResNet(2, 3, 16, stem_stride=2),
+          _adam(2e-3), "cosine", label_smoothing, 8),
+    Setup("cifar-seednet6-sgdm-drops", "seed protocol (net 6)", "cifar10", seed_net6,
+          _sgd(0.01, 0.9, wd=5e-4), "drops", cross_entropy, 20,
+          notes="the seed benchmark's net 6, optimizer, weight decay, schedule shape and batch "
+          "size, on a 5k-image subset"),
+]
+
+#: The zoo's setups by name.
+SETUPS: dict[str, Setup] = {s.name: s for s in _SETUPS}
+
+
+# -- evaluation-only candidates (weight averages on the classical trajectory) -----------
+
+
+class Observer:
+    """An average of the training weights (and float buffers), folded in after each step."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int) -> None:
+        self.tensors: list[Tensor] | None = None
+        self.count = 0
+        self.max_lr = 0.0
+        self.steps_per_epoch = steps_per_epoch
+
+    def weight(self, lr: float) -> float:
+        raise NotImplementedError
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        self.count += 1
+        self.max_lr = max(self.max_lr, lr)
+        if self.tensors is None:
+            self.tensors = [t.clone() for t in current]
+            return
+        average_(self.tensors, current, self.weight(lr))
+
+    def eval_model(self, model: nn.Module, scratch: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for t, a in zip((*scratch.parameters(), *scratch.buffers()), self.tensors):
+                t.copy_(a)
+        return scratch
+
+
+class Ema(Observer):
+    def __init__(self, model: nn.Module, steps_per_epoch: int, decay: float, follows_lr: bool = False) -> None:
+        super().__init__(model, steps_per_epoch)
+        self.decay, self.follows_lr = decay, follows_lr
+
+    def weight(self, lr: float) -> float:
+        w = 1.0 - ema_decay(self.count - 2, self.decay)
+        return lr_window(w, lr, self.max_lr) if self.follows_lr else w
+
+
+class Power(Observer):
+    """Power-function EMA (EDM2); ``lr``: "window" (shrinks with the LR) or "weights" (x LR)."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int, sigma_rel: float, lr: str | None = None) -> None:
+        super().__init__(model, steps_per_epoch)
+        self.gamma, self.lr_mode = power_gamma(sigma_rel), lr
+        self.tau = 0.0  # LR-weighted step count ("weights")
+
+    def weight(self, lr: float) -> float:
+        if self.lr_mode == "weights":  # each iterate weighted by its LR (schedule-free's rule)
+            if self.max_lr <= 0:
+                return 0.0
+            dt = lr / self.max_lr
+            tau0, self.tau = self.tau, self.tau + dt
+            if self.tau <= 0:
+                return 0.0
+            return 1.0 - (tau0 / self.tau) ** (self.gamma + 1.0)
+        w = power_weight(self.count, self.gamma)
+        return lr_window(w, lr, self.max_lr) if self.lr_mode == "window" else w
+
+
+class Lawa(Observer):
+    """Uniform average of the last ``k`` epoch-end weights (LAWA, Kaddour 2022)."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int, k: int = 5) -> None:
+        super().__init__(model, steps_per_epoch)
+        self.k, self.snapshots = k, []
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        self.count += 1
+        if self.count % self.steps_per_epoch == 0 or self.tensors is None:
+            snap = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+            if self.tensors is None:
+                self.tensors = snap
+                return
+            self.snapshots = [*self.snapshots, snap][-self.k:]
+            n = len(self.snapshots)
+            self.tensors = [
+                torch.stack([s[i] for s in self.snapshots]).float().mean(0).to(s0.dtype)
+                if s0.is_floating_point() else s0.clone()
+                for i, s0 in enumerate(self.snapshots[-1])
+            ] if n else self.tensors
+
+
+class SwaUtilsEma(Observer):
+    """Peer: ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(0.999)``."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        super().__init__(model, steps_per_epoch)
+        self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        self.avg.update_parameters(model)
+
+    def eval_model(self, model: nn.Module, scratch: nn.Module) -> nn.Module:
+        return self.avg.module
+
+
+class EmaPytorch(Observer):
+    """Peer: ``ema_pytorch.EMA`` with its defaults (a bench-only extra)."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int) -> None:
+        from ema_pytorch import EMA
+
+        super().__init__(model, steps_per_epoch)
+        self.ema = EMA(model)
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        self.ema.update()
+
+    def eval_model(self, model: nn.Module, scratch: nn.Module) -> nn.Module:
+        return self.ema.ema_model
+
+
+class PreciseBN(Observer):
+    """Another observer's weights, with BatchNorm statistics recomputed for them (Wu & Johnson 2021).
+
+    The statistics are the plain mean and variance over the last ``batches`` training inputs,
+    computed at the averaged weights; nets without BatchNorm evaluate as the inner observer.
+    """
+
+    def __init__(self, inner: Observer, batches: int = 16) -> None:
+        self.inner, self.batches, self.inputs = inner, batches, []
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        self.inner.update(model, lr)
+        if xb is not None:
+            self.inputs = [*self.inputs, xb][-self.batches:]
+
+    def eval_model(self, model: nn.Module, scratch: nn.Module) -> nn.Module:
+        net = self.inner.eval_model(model, scratch)
+        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return net
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        was = net.training
+        net.train()
+        with torch.no_grad():
+            for xb in self.inputs:
+                net(xb)
+        net.train(was)
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        return net
+
+
+#: Evaluation-only candidates and peers: name -> (factory(model, steps_per_epoch), settings).
+OBSERVERS: dict[str, tuple[Callable[[nn.Module, int], Observer], dict]] = {
+    "peer-ema-swa-utils": (SwaUtilsEma, {"peer": "torch.optim.swa_utils", "decay": 0.999, "use_buffers": True}),
+    "peer-ema-pytorch": (EmaPytorch, {"peer": "ema_pytorch.EMA", "defaults": True}),
+    "ema-0.999": (lambda m, s: Ema(m, s, 0.999), {"average": "ema", "ema_decay": 0.999}),
+    "ema-0.999-lrwin": (lambda m, s: Ema(m, s, 0.999, True), {"average": "ema", "ema_decay": 0.999,
+                                                               "window_follows_lr": True}),
+    "power-0.05": (lambda m, s: Power(m, s, 0.05), {"average": "power", "sigma_rel": 0.05}),
+    "power-0.10": (lambda m, s: Power(m, s, 0.10), {"average": "power", "sigma_rel": 0.10}),
+    "power-0.20": (lambda m, s: Power(m, s, 0.20), {"average": "power", "sigma_rel": 0.20}),
+    "power-0.05-lrwin": (lambda m, s: Power(m, s, 0.05, "window"),
+                         {"average": "power", "sigma_rel": 0.05, "window_follows_lr": True}),
+    "power-0.10-lrwin": (lambda m, s: Power(m, s, 0.10, "window"),
+                         {"average": "power", "sigma_rel": 0.10, "window_follows_lr": True}),
+    "power-0.10-lrweights": (lambda m, s: Power(m, s, 0.10, "weights"),
+                             {"average": "power", "sigma_rel": 0.10, "weights": "lr"}),
+    "lawa-5": (lambda m, s: Lawa(m, s, 5), {"average": "lawa", "k": 5, "every": "epoch"}),
+    "power-0.05-lrwin-precisebn": (lambda m, s: PreciseBN(Power(m, s, 0.05, "window")),
+                                   {"average": "power", "sigma_rel": 0.05, "window_follows_lr": True,
+                                    "bn": "recomputed on the last 16 training batches"}),
+}
+
+
+# -- training --------------------------------------------------------------------------
+
+
+def _metric(model: nn.Module, x: Tensor, y: Tensor, task: str) -> float:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+    model.train(was)
+    if task == "classification":
+        return 100.0 * (out.argmax(1) == y).float().mean().item()
+    if task == "binary":
+        return 100.0 * ((out.squeeze(1) > 0).long() == y).float().mean().item()
+    err = (out.squeeze(1) - y).pow(2).mean().item()
+    return 100.0 * (1.0 - err / y.var(unbiased=False).item())
+
+
+def _activate_kwargs(mode: str) -> tuple[dict | None, bool]:
+    """``deepopt.activate`` keyword arguments of a training mode, and whether it uses a closure."""
+    if mode == "classical":
+        return None, False
+    if mode == "deepopt":
+        return {}, False
+    if mode == "peer-sam":  # exact SAM, rho 0.05 (Foret et al.), two passes every step
+        return {"recipe": "safe", "sam_rho": 0.05}, True
+    if mode.startswith("deepopt:"):  # e.g. deepopt:{"average": "ema"}
+        return json.loads(mode.split(":", 1)[1]), False
+    raise ValueError(f"mode {mode!r} is unknown: classical, deepopt, peer-sam or deepopt:{{json overrides}}")
+
+
+def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
+              observers: dict[str, tuple] | None = None) -> list[dict]:
+    """Train ``setup`` once on ``seed``; the rows of ``mode`` (and of ``observers`` if classical)."""
+    import deepopt
+
+    torch.manual_seed(seed)
+    model = setup.net()
+    base = setup.optimizer(model.parameters())
+    n = len(data["y"])
+    per_epoch = n // setup.batch_size  # the last short batch is dropped: equal steps
+    steps = per_epoch * setup.epochs
+    sched = schedule(setup.schedule, base, steps, setup.epochs)
+    kwargs, closure = _activate_kwargs(mode)
+    opt = base
+    if kwargs is not None:
+        model, opt = deepopt.activate(model, base, **kwargs)
+    observers = observers if mode == "classical" else {}
+    obs = {name: make(model, per_epoch) for name, (make, _) in observers.items()}
+    scratch = setup.net() if obs else None
+    obs_seconds = dict.fromkeys(obs, 0.0)
+    order_gen = torch.Generator().manual_seed(seed)
+    curves: dict[str, dict[str, list]] = {m: {"val": [], "test": []} for m in [mode, *obs]}
+    train_loss: list[float] = []
+    step_seconds = 0.0
+    for epoch in range(setup.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=order_gen)
+        total = 0.0
+        for b in range(per_epoch):
+            idx = perm[b * setup.batch_size:(b + 1) * setup.batch_size]
+            xb, yb = data["x"][idx], data["y"][idx]
+            t0 = time.perf_counter()
+            if closure:
+                def closure_fn(xb=xb, yb=yb):
+                    opt.zero_grad(set_to_none=True)
+                    loss = setup.loss(model(xb), yb, model)
+                    loss.backward()
+                    return loss
+                loss = opt.step(closure_fn)
+            else:
+                loss = setup.loss(model(xb), yb, model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            lr = float(base.param_groups[0]["lr"])  # the LR this step used
+            if sched is not None and setup.schedule != "plateau":
+                sched.step()
+            step_seconds += time.perf_counter() - t0
+            for name, o in obs.items():
+                t1 = time.perf_counter()
+                o.update(model, lr, xb)
+                obs_seconds[name] += time.perf_counter() - t1
+            total += float(loss.detach())
+        train_loss.append(total / per_epoch)
+        if setup.schedule == "plateau":
+            sched.step(train_loss[-1])
+        last = epoch == setup.epochs - 1
+        for split in ("val", "test"):
+            x, y = data[f"x_{split}"], data[f"y_{split}"]
+            curves[mode][split].append(_metric(model, x, y, setup.task))
+            for name, o in obs.items():
+                score = None
+                every = max(1, setup.epochs // setup.eval_points)
+                if last or (epoch + 1) % every == 0:
+                    score = _metric(o.eval_model(model, scratch), x, y, setup.task)
+                curves[name][split].append(score)
+    if not math.isfinite(train_loss[-1]):
+        print(f"  {setup.name} seed {seed} {mode}: training loss {train_loss[-1]}", file=sys.stderr)
+    rows = []
+    for name in curves:
+        settings = (observers[name][1] if name in obs else (_activate_kwargs(mode)[0] or {}))
+        sps = (step_seconds + obs_seconds.get(name, 0.0)) / steps
+        for split in ("val", "test"):
+            rows.append({
+                "setup": setup.name, "seed": seed, "mode": name, "settings": settings,
+                "trajectory": mode, "split": split, "final": curves[name][split][-1],
+                "per_epoch": curves[name][split], "train_loss": train_loss,
+                "sec_per_step": sps, "steps": steps, "epochs": setup.epochs,
+                "task": setup.task, "family": setup.family, "schedule": setup.schedule,
+                "optimizer": type(base).__name__, "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            })
+    return rows
+
+
+# -- runner ----------------------------------------------------------------------------
+
+
+def finished(path: Path) -> set[tuple[str, int, str]]:
+    """``(setup, seed, mode)`` with both split rows in ``path`` (a cut-off last line is ignored)."""
+    splits: dict[tuple[str, int, str], set[str]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            splits.setdefault((r["setup"], r["seed"], r["mode"]), set()).add(r["split"])
+    return {k for k, v in splits.items() if v >= {"val", "test"}}
+
+
+def _planned(args: argparse.Namespace) -> Iterator[tuple[Setup, int, str, dict]]:
+    done = finished(Path(args.out))
+    observers = {k: v for k, v in OBSERVERS.items() if k in args.observers}
+    for setup in (SETUPS[s] for s in args.setups):
+        for seed in args.seeds:
+            for mode in args.modes:
+                missing = {k: v for k, v in observers.items() if (setup.name, seed, k) not in done}
+                if mode == "classical" and ((setup.name, seed, mode) not in done or missing):
+                    yield setup, seed, mode, missing
+                elif mode != "classical" and (setup.name, seed, mode) not in done:
+                    yield setup, seed, mode, {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepopt bench zoo",
+        description="Train the zoo's setups (classical and each mode, paired by seed) and append "
+        "one JSON row per (setup, seed, mode, split) to --out; finished rows are skipped.",
+    )
+    p.add_argument("--setups", nargs="+", default=[s for s in SETUPS if SETUPS[s].data != "cifar10"],
+                   choices=list(SETUPS), metavar="NAME",
+                   help="setups to run (default: every offline one; the cifar-* setups need --data). "
+                   f"Choices: {', '.join(SETUPS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
+                   help="seeds to run (default: 0 1 2 3 4)")
+    p.add_argument("--modes", nargs="+", default=["classical"], metavar="MODE",
+                   help="training modes: classical (with the evaluation-only candidates riding on "
+                   "it), deepopt (the default recipe), peer-sam, or deepopt:JSON for overrides "
+                   "(default: classical)")
+    p.add_argument("--observers", nargs="*", default=list(OBSERVERS), metavar="NAME",
+                   help=f"evaluation-only candidates on the classical runs (default: all). "
+                   f"Choices: {', '.join(OBSERVERS)}")
+    p.add_argument("--data", default=None, help="CIFAR-10 source for the cifar-* setups")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results file (default: {DEFAULT_OUT})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the zoo (see the module docstring); returns the exit status."""
+    from tqdm import tqdm
+
+    from .train import append_row
+
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for m in args.modes:
+        _activate_kwargs(m)  # unknown modes fail before any training
+    unknown = sorted(set(args.observers) - set(OBSERVERS))
+    if unknown:
+        print(f"deepopt bench zoo: unknown observer(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    plan = list(_planned(args))
+    if not plan:
+        print(f"deepopt bench zoo: every planned run is in {args.out}")
+        return 0
+    bar = tqdm(plan, desc="zoo", unit="run", disable=None)
+    for setup, seed, mode, observers in bar:
+        bar.set_postfix_str(f"{setup.name} s{seed} {mode}")
+        try:
+            data = load_data(setup.data, args.data)
+        except FileNotFoundError as e:
+            print(f"deepopt bench zoo: skipping {setup.name}: {e}", file=sys.stderr)
+            continue
+        done = finished(Path(args.out))
+        t0 = time.perf_counter()
+        rows = run_setup(setup, seed, mode, data, observers)
+        for row in rows:
+            if (row["setup"], row["seed"], row["mode"]) not in done:
+                append_row(args.out, row)
+        if bar.disable:  # no terminal: a line per run instead of a bar
+            final = next(r["final"] for r in rows if r["mode"] == mode and r["split"] == "test")
+            print(f"zoo {bar.n + 1}/{len(plan)}: {setup.name} seed {seed} {mode}: test {final:.2f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""The zoo's tables and forest plot (``deepopt report benchmarks/results/zoo.jsonl``).
+
+* ``zoo-screen``: every candidate on the **validation** split, the mean over setups of its
+  paired gain vs classical, how many setups it wins or loses with a 95% interval clear
+  of zero, and its median cost per step; candidates are chosen from this table only.
+* ``zoo``: per setup on the **test** split: classical, then the paired gain (mean over
+  seeds, 95% Student-t interval) of deepopt's default and of the peers, with the cost.
+* ``zoo-summary``: the same by setup family, the table the README shows.
+* ``zoo-forest.png``: gain +/- 95% interval per setup and mode, on the test split.
+
+Metric: final-epoch accuracy in % (classification) or ``R^2`` in % (regression);
+higher is better, gains are in points.
+
+Example:
+    >>> rows = [{"setup": "s", "seed": k, "mode": m, "split": "test", "final": v,
+    ...          "sec_per_step": 1.0, "family": "MLP", "schedule": "none"}
+    ...         for k, (a, b) in enumerate([(90, 91), (80, 82)]) for m, v in (("classical", a), ("x", b))]
+    >>> gains(rows, "x", "test")["s"]
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["gains", "interval", "screen_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
+
+#: What the test tables show: deepopt's default and the peers a user would pick instead.
+TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 18: 2.101, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def _t95(df: int) -> float:
+    return _T95.get(df) or _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (0 half-width for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, _t95(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def _index(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """``(setup, mode) -> {seed: row}`` for one split; the last row of a run wins."""
+    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["split"] == split and r["final"] is not None:
+            out[(r["setup"], r["mode"])][r["seed"]] = r
+    return out
+
+
+def gains(rows: list[dict], mode: str, split: str) -> dict[str, list[float]]:
+    """Per setup, the paired differences ``mode - classical`` over the seeds both have."""
+    idx = _index(rows, split)
+    out = {}
+    for (setup, m), by_seed in idx.items():
+        if m != mode:
+            continue
+        base = idx.get((setup, "classical"), {})
+        seeds = sorted(set(by_seed) & set(base))
+        if seeds:
+            out[setup] = [by_seed[s]["final"] - base[s]["final"] for s in seeds]
+    return out
+
+
+def _cost(rows: list[dict], mode: str, setup: str | None = None) -> float | None:
+    """Median over runs of seconds per step relative to the same seed's classical run."""
+    idx = _index(rows, "test")
+    ratios = []
+    for (s, m), by_seed in idx.items():
+        if m != mode or (setup is not None and s != setup):
+            continue
+        base = idx.get((s, "classical"), {})
+        ratios += [by_seed[k]["sec_per_step"] / base[k]["sec_per_step"] for k in by_seed if k in base]
+    return statistics.median(ratios) if ratios else None
+
+
+def _fmt(mean: float, half: float) -> str:
+    return f"{mean:+.2f} ± {half:.2f}" if half == half else f"{mean:+.2f}"
+
+
+def _mark(mean: float, half: float) -> str:
+    if half != half:
+        return ""
+    return " ▲" if mean - half > 0 else (" ▼" if mean + half < 0 else "")
+
+
+def screen_table(rows: list[dict]) -> str:
+    """Every candidate on the validation split, best mean gain first."""
+    modes = sorted({r["mode"] for r in rows if r["split"] == "val"} - {"classical"})
+    lines = []
+    for mode in modes:
+        per_setup = gains(rows, mode, "val")
+        if not per_setup:
+            continue
+        means = [statistics.fmean(v) for v in per_setup.values()]
+        cis = [interval(v) for v in per_setup.values()]
+        won = sum(m - h > 0 for m, h in cis)
+        lost = sum(m + h < 0 for m, h in cis)
+        worst = min(per_setup, key=lambda s: statistics.fmean(per_setup[s]))
+        cost = _cost(rows, mode)
+        lines.append((statistics.fmean(means), mode, len(per_setup), interval(means), won, lost,
+                      worst, statistics.fmean(per_setup[worst]), cost))
+    out = ["| candidate | setups | mean gain vs classical (95% CI over setups) | setups won ▲ / lost ▼ "
+           "| worst setup (gain) | median cost per step |", "|---|---|---|---|---|---|"]
+    for _, mode, n, (m, h), won, lost, worst, wg, cost in sorted(lines, reverse=True):
+        out.append(f"| {mode} | {n} | {_fmt(m, h)} | {won} / {lost} | {worst} ({wg:+.2f}) | "
+                   f"{'' if cost is None else f'{cost:.2f}x'} |")
+    return "\n".join(out)
+
+
+def setup_table(rows: list[dict], modes: list[str] | None = None) -> str:
+    """Per setup on the test split: classical, then each mode's paired gain and cost."""
+    modes = [m for m in (modes or TEST_MODES) if gains(rows, m, "test")]
+    idx = _index(rows, "test")
+    setups = sorted({s for s, m in idx if m == "classical"}, key=lambda s: [r["setup"] for r in rows].index(s))
+    head = "| setup | schedule | classical | " + " | ".join(f"{m} (gain, cost)" for m in modes) + " |"
+    out = [head, "|" + "---|" * (3 + len(modes))]
+    for setup in setups:
+        base = [r["final"] for r in idx[(setup, "classical")].values()]
+        m0, h0 = interval(base)
+        sched = next(iter(idx[(setup, "classical")].values()))["schedule"]
+        cells = []
+        for mode in modes:
+            g = gains(rows, mode, "test").get(setup)
+            cost = _cost(rows, mode, setup)
+            cells.append("" if not g else f"{_fmt(*interval(g))}{_mark(*interval(g))} "
+                         f"({'' if cost is None else f'{cost:.2f}x'}, {len(g)} seeds)")
+        out.append(f"| {setup} | {sched} | {m0:.2f} ± {h0:.2f} | " + " | ".join(cells) + " |")
+    for mode_i, mode in enumerate(modes):
+        per_setup = gains(rows, mode, "test")
+        means = [statistics.fmean(v) for v in per_setup.values()]
+        m, h = interval(means)
+        lost = sum(interval(v)[0] + interval(v)[1] < 0 for v in per_setup.values())
+        cells = [""] * len(modes)
+        cells[mode_i] = f"**{_fmt(m, h)}**, {lost} lost ▼"
+        out.append(f"| **mean over {len(means)} setups** (95% CI over setups) | | | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def summary_table(rows: list[dict], mode: str = "deepopt") -> str:
+    """By setup family: classical and ``mode`` means, the paired gain and the cost."""
+    idx = _index(rows, "test")
+    fam: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for (setup, m), by_seed in idx.items():
+        if m == "classical":
+            for seed, r in by_seed.items():
+                if seed in idx.get((setup, mode), {}):
+                    fam[r["family"]].append((setup, seed))
+    out = ["| setup family | setups | classical | deepopt | gain (95% CI over runs) | cost per step |",
+           "|---|---|---|---|---|---|"]
+    for family in sorted(fam):
+        pairs = fam[family]
+        base = [idx[(s, "classical")][k]["final"] for s, k in pairs]
+        ours = [idx[(s, mode)][k]["final"] for s, k in pairs]
+        diffs = [b - a for a, b in zip(base, ours)]
+        costs = [idx[(s, mode)][k]["sec_per_step"] / idx[(s, "classical")][k]["sec_per_step"] for s, k in pairs]
+        n_setups = len({s for s, _ in pairs})
+        unit = "R² %" if "regression" in family else "%"
+        out.append(f"| {family} | {n_setups} | {statistics.fmean(base):.2f} {unit} | "
+                   f"{statistics.fmean(ours):.2f} {unit} | {_fmt(*interval(diffs))} | "
+                   f"{statistics.median(costs):.2f}x |")
+    return "\n".join(out)
+
+
+def forest_plot(rows: list[dict], out: Path, modes: list[str] | None = None) -> Path:
+    """Gain +/- 95% interval per setup (rows) and mode (colours), test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in (modes or TEST_MODES) if gains(rows, m, "test")]
+    order = list(dict.fromkeys(r["setup"] for r in rows))
+    setups = [s for s in order if any(s in gains(rows, m, "test") for m in modes)]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(setups) + 1.6))
+    for i, mode in enumerate(modes):
+        g = gains(rows, mode, "test")
+        for j, setup in enumerate(setups):
+            if setup not in g:
+                continue
+            m, h = interval(g[setup])
+            y = j + (i - (len(modes) - 1) / 2) * 0.18
+            ax.errorbar(m, y, xerr=0 if h != h else h, fmt="o", color=f"C{i}", ms=4, capsize=2,
+                        label=mode if j == 0 else None)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(setups)), setups, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test gain vs classical, points (accuracy % or R² %), mean ± 95% CI over seeds")
+    ax.set_xscale("symlog", linthresh=2.0)
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax.set_title("deepopt zoo: paired gain per setup (same seed, same data order)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -189,3 +189,38 @@ def test_deactivate_restores_plain_objects():
     model, plain = deepopt.deactivate(model, opt)
     assert plain is base and len(model._forward_pre_hooks) == 0
     assert getattr(base, "_deepopt_wrapper", None) is None
+
+
+def lbfgs_run(activate: dict | None, steps: int = 3):
+    model = seeded(lambda: mlp(0.0))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    if activate is not None:
+        model, opt = deepopt.activate(model, opt, **activate)
+    x, y = data()
+    losses = []
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        losses.append(opt.step(closure).detach())  # LBFGS evaluates the closure itself, several times
+    return model, opt, losses
+
+
+def test_lbfgs_gets_its_closure_and_the_mechanisms_it_cannot_take_are_off(capsys):
+    plain, _, plain_losses = lbfgs_run(None)
+    assert capsys.readouterr().err == ""
+    model, opt, losses = lbfgs_run({})
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("deepopt: the divergence guard is off for LBFGS")
+    assert opt.settings.guard is False and opt.calibrated is not None  # calibration measured
+    assert opt.steps == 3 and [a.item() for a in losses] == [b.item() for b in plain_losses]
+    for a, b in zip(params_of(model), params_of(plain)):
+        assert torch.equal(a, b)  # the default recipe leaves a healthy net's training unchanged
+    _, opt, _ = lbfgs_run({"rho": 0.1, "noise": 0.1, "sam_rho": 0.05, "average": "ema"}, steps=2)
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and all(f"{k}=" in said[0] for k in ("rho", "noise", "sam_rho")), said
+    s = opt.settings
+    assert (s.rho, s.noise, s.sam_rho, s.guard, s.average) == (0.0, 0.0, 0.0, False, "ema")
+    assert opt.average.tensors is not None  # averaging, which can act, does

@@ -90,3 +90,17 @@ def test_bad_override_and_exit_status(script, tmp_path):
     failing = tmp_path / "fail.py"
     failing.write_text("import sys; sys.exit(3)\n")
     assert deepopt_run("--", "python", str(failing), cwd=tmp_path).returncode == 3
+
+
+@pytest.mark.parametrize("body, said", [
+    ("import torch\nprint(torch.ones(2).sum())\n",
+     "deepopt: nothing activated: the script built no torch.optim optimizer in its whole run"),
+    ("import torch\nw = torch.nn.Parameter(torch.ones(2))\nopt = torch.optim.SGD([w], lr=0.1)\n",
+     "deepopt: not activated on SGD: no module holding all its parameters was called while it existed"),
+])
+def test_nothing_activated_is_said_at_exit(body, said, tmp_path):
+    (tmp_path / "s.py").write_text(body)
+    proc = deepopt_run("--", "python", "s.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("deepopt:")]
+    assert len(lines) == 1 and lines[0].startswith(said), proc.stderr

@@ -273,3 +273,39 @@ def test_step_hooks_survive_a_state_round_trip():
     calls.clear()
     train_steps("average", model, opt, sched, 1, 3)
     assert calls == ["pre-base", "pre-wrapper", "post-wrapper"] * 2
+
+
+def test_model_pickled_whole_is_plain_with_the_weights_of_its_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  average="ema", ema_decay=0.5, rho=0.05)
+    x, y = data()
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x[:, :6]), y % 3).backward()
+        opt.step()
+        opt.zero_grad()
+    train_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    model(x[:, :6])
+    eval_state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(eval_state["0.weight"], train_state["0.weight"])
+    model.train()  # the parameter tensors still hold the evaluation weights here
+
+    def saved_and_loaded(m):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        assert b"deepopt" not in buf.getvalue()
+        buf.seek(0)
+        with torch.serialization.safe_globals([nn.Sequential, nn.Linear, nn.BatchNorm1d, nn.ReLU]):
+            return torch.load(buf)  # weights_only=True: only torch's globals allowed
+
+    for mode, state in (("train", train_state), ("eval", eval_state)):
+        model.train(mode == "train")
+        loaded = saved_and_loaded(model)
+        assert loaded.training == (mode == "train") and not loaded._forward_pre_hooks
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), mode
+    twin = copy.deepcopy(model)  # a plain model too, which deepopt can activate afresh
+    assert not twin._forward_pre_hooks and not twin._forward_hooks and "__getstate__" not in vars(twin)
+    deepopt.deactivate(model, opt)
+    assert "__getstate__" not in vars(model)

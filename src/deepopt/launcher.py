@@ -13,18 +13,23 @@ using its own optimizer object (``opt.step()``, ``opt.state_dict()``):
 * the optimizer's ``state_dict()`` gains the ``"deepopt"`` entry and its
   ``load_state_dict()`` restores it (also when loaded before the first forward).
 
-Limits: the forward that activates calibrates with its positional arguments only; the
-divergence guard and two-pass SAM do not act on ``opt.step(closure)`` (the closure runs
-inside the base step, after the hooks); optimizers that are not ``torch.optim.Optimizer``
-subclasses calling ``Optimizer.__init__`` are not seen. An explicit
-``deepopt.activate(model, opt)`` in the script takes precedence over the launcher.
+An optimizer first stepped with ``opt.step(closure)`` activates at the first forward
+inside its closure. Whatever cannot act is said once, in one line: the divergence guard
+on ``opt.step(closure)`` and two-pass SAM (the closure runs inside the base step, after
+the hooks), an optimizer never activated, and a script that builds no optimizer at all
+(said at its first backward, else at exit).
+
+Limits: the forward that activates calibrates with its positional arguments only;
+optimizers that are not ``torch.optim.Optimizer`` subclasses calling
+``Optimizer.__init__`` are not seen. An explicit ``deepopt.activate(model, opt)`` in the
+script takes precedence over the launcher.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import sys
 import weakref
 from typing import Any
 
@@ -35,7 +40,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .optimizer import DeepOptimizer, check_state_version
+from .optimizer import DeepOptimizer, check_state_version, say
 from .recipes import resolve
 
 __all__ = ["ENV", "install", "install_from_env", "uninstall"]
@@ -48,10 +53,11 @@ _handles: list[Any] = []
 _original_init: Any = None
 _loaded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # deepopt state loaded early
 _skipped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # grads hidden for a skip
-
-
-def _say(text: str) -> None:
-    print(f"deepopt: {text}", file=sys.stderr, flush=True)
+_closure_told: weakref.WeakSet = weakref.WeakSet()  # told what does not act on step(closure)
+_built = False  # whether the script built any optimizer
+_told_none = False  # whether "no optimizer built" was said
+_activating = False  # inside _activate (whose calibration runs forwards)
+_autograd_backward = torch.autograd.backward  # torch's, restored at the first backward
 
 
 def install(recipe: str = "default", enabled: bool = True, **overrides: Any) -> None:
@@ -62,7 +68,7 @@ def install(recipe: str = "default", enabled: bool = True, **overrides: Any) -> 
     global _config, _original_init
     resolve(recipe, overrides)  # a typo fails here, before the script runs
     if not enabled:
-        _say("off (A/B twin run)")
+        say("off (A/B twin run)")
         return
     if _config is not None:
         uninstall()
@@ -76,6 +82,11 @@ def install(recipe: str = "default", enabled: bool = True, **overrides: Any) -> 
             _track(self)
 
     torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
+    # A script that updates its weights by hand (p.data.add_(...)) builds no optimizer:
+    # torch has no hook on such an update, so the first backward is where it is said.
+    # Tensor.backward calls torch.autograd.backward; the wrapper removes itself there.
+    torch.autograd.backward = _first_backward
+    atexit.register(_at_exit)
     _handles.extend([
         nn.modules.module.register_module_forward_pre_hook(_on_forward),
         register_optimizer_step_pre_hook(_on_step_pre),
@@ -88,6 +99,9 @@ def uninstall() -> None:
     global _config
     if _original_init is not None:
         torch.optim.Optimizer.__init__ = _original_init  # type: ignore[method-assign]
+    if torch.autograd.backward is _first_backward:
+        torch.autograd.backward = _autograd_backward
+    atexit.unregister(_at_exit)
     for h in _handles:
         h.remove()
     _handles.clear()
@@ -101,7 +115,37 @@ def install_from_env() -> None:
     install(cfg.get("recipe", "default"), cfg.get("enabled", True), **cfg.get("overrides", {}))
 
 
+def _first_backward(*args: Any, **kwargs: Any) -> Any:
+    torch.autograd.backward = _autograd_backward  # once is enough: no cost on later backwards
+    if not _built and _config is not None:
+        _tell_none("before the first backward")
+    return _autograd_backward(*args, **kwargs)
+
+
+def _tell_none(when: str) -> None:
+    global _told_none
+    if not _told_none:
+        _told_none = True
+        say(f"nothing activated: the script built no torch.optim optimizer {when} (deepopt acts "
+            "through one; weights updated by hand, e.g. p.data.add_(...), train as plain PyTorch).")
+
+
+def _at_exit() -> None:
+    if _config is None:
+        return
+    if not _built:
+        _tell_none("in its whole run")
+    for ref in list(_pending):
+        opt = ref()
+        if opt is not None and "_deepopt_wrapper" not in opt.__dict__:
+            say(f"not activated on {type(opt).__name__}: no module holding all its parameters "
+                "was called while it existed.")
+    _pending.clear()
+
+
 def _track(opt: torch.optim.Optimizer) -> None:
+    global _built
+    _built = True
     _pending.append(weakref.ref(opt))
     opt.register_state_dict_post_hook(_on_state_dict)
     opt.register_load_state_dict_pre_hook(_on_load_pre)
@@ -118,7 +162,8 @@ def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _on_forward(module: nn.Module, args: tuple) -> None:
-    if not _pending:
+    global _activating
+    if not _pending or _activating:  # calibration's own forwards must not activate others
         return
     module_ids = None
     for ref in list(_pending):
@@ -131,7 +176,11 @@ def _on_forward(module: nn.Module, args: tuple) -> None:
         params = _opt_params(opt)
         if params and all(id(p) in module_ids for p in params):
             _pending.remove(ref)
-            _activate(module, opt, params, args)
+            _activating = True
+            try:
+                _activate(module, opt, params, args)
+            finally:
+                _activating = False
 
 
 def _activate(module: nn.Module, opt: torch.optim.Optimizer, params: list, args: tuple) -> None:
@@ -143,7 +192,7 @@ def _activate(module: nn.Module, opt: torch.optim.Optimizer, params: list, args:
     try:
         _, wrapper = deepopt.activate(module, opt, recipe=recipe, **overrides)
     except ValueError as e:
-        _say(f"not activated on {name} ({model_name}): {e}")
+        say(f"not activated on {name} ({model_name}): {e}")
         return
     wrapper._zero_code = True  # type: ignore[attr-defined]
     deep = _loaded.pop(opt, None)
@@ -151,7 +200,13 @@ def _activate(module: nn.Module, opt: torch.optim.Optimizer, params: list, args:
         wrapper._load_deepopt_state(deep)
     extra = "".join(f" {k}={v}" for k, v in overrides.items())
     n = sum(p.numel() for p in params)
-    _say(f"activated {name} on {model_name} ({len(params)} tensors, {n} parameters), recipe={recipe}{extra}")
+    say(f"activated {name} on {model_name} ({len(params)} tensors, {n} parameters), recipe={recipe}{extra}")
+    if wrapper.settings.sam_rho > 0:
+        # The README promises a warning: the script's own step() never reaches deepopt's.
+        say(f"two-pass SAM (sam_rho={wrapper.settings.sam_rho}) does not act under deepopt run: "
+            "torch's step hooks cannot run the closure twice, so this run trains as with sam_rho=0. "
+            f"For SAM add `model, optimizer = deepopt.activate(model, optimizer, recipe={recipe!r})` "
+            "to the script and call optimizer.step(closure).")
     # The hooks just registered on the model miss this call's pre-hooks: run that one now.
     wrapper._on_forward(module, args, {})
 
@@ -160,13 +215,19 @@ def _closure(args: tuple, kwargs: dict) -> Any:
     return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
+def _drop_pending(opt: torch.optim.Optimizer, when: str) -> None:
+    for ref in list(_pending):
+        if ref() is opt:
+            _pending.remove(ref)
+            say(f"not activated on {type(opt).__name__}: no module holding all its parameters "
+                f"was called {when}; call the model (not only its parts) before stepping, or add "
+                "`model, optimizer = deepopt.activate(model, optimizer)` to the script.")
+
+
 def _on_step_pre(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    if _pending:
-        for ref in list(_pending):
-            if ref() is opt:  # stepping before any model holding its parameters was called
-                _pending.remove(ref)
-                _say(f"not activated on {type(opt).__name__}: no module holding all its "
-                     "parameters was called before its first step")
+    # With a closure, the forward may come inside the step (LBFGS): it may activate there.
+    if _pending and _closure(args, kwargs) is None:
+        _drop_pending(opt, "before its first step")
     w = _zero_code(opt)
     if w is None or w._base_stepping:
         return
@@ -182,9 +243,16 @@ def _on_step_pre(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
 
 
 def _on_step_post(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    if _pending:
+        _drop_pending(opt, "before or inside its first step(closure)")
     w = _zero_code(opt)
     if w is None or w._base_stepping:
         return
+    if _closure(args, kwargs) is not None and w.settings.guard and opt not in _closure_told:
+        _closure_told.add(opt)
+        say(f"the divergence guard does not act on {type(opt).__name__}.step(closure) under deepopt "
+            "run (the closure runs inside torch's step, after deepopt's hook); add `model, optimizer "
+            "= deepopt.activate(model, optimizer)` to the script for it.")
     grads = _skipped.pop(opt, None)
     if grads is not None:
         for p, g in zip(_opt_params(opt), grads):

@@ -25,8 +25,12 @@ they were before that step's first training forward: a skipped step leaves no tr
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -53,11 +57,57 @@ __all__ = ["DeepOptimizer", "STATE_VERSION"]
 STATE_VERSION = 1
 
 
+def say(text: str) -> None:
+    """Tell the user, in one line on stderr, what deepopt does not do on their script."""
+    print(f"deepopt: {text}", file=sys.stderr, flush=True)
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (LBFGS): it evaluates it itself.
+
+    Example:
+        >>> import torch
+        >>> p = [torch.nn.Parameter(torch.ones(1))]
+        >>> needs_closure(torch.optim.LBFGS(p)), needs_closure(torch.optim.SGD(p, lr=0.1))
+        (True, False)
+    """
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step inspect cannot read: assume the common kind
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _closure_driven(settings: Settings, name: str) -> Settings:
+    """``settings`` without the mechanisms that need one forward/backward per update.
+
+    An optimizer whose ``step(closure)`` evaluates the closure itself, possibly several
+    times (LBFGS's line search), updates inside that call: a perturbation would move the
+    weights between its evaluations, two-pass SAM cannot run its own passes, and the
+    guard cannot check a step's loss and gradients before the update. One line says so.
+    """
+    off = {
+        "the divergence guard": settings.guard,
+        f"the weight perturbation (rho={settings.rho})": settings.rho > 0,
+        f"the weight noise (noise={settings.noise})": settings.noise > 0,
+        f"two-pass SAM (sam_rho={settings.sam_rho})": settings.sam_rho > 0,
+    }
+    off_names = [k for k, on in off.items() if on]
+    if not off_names:
+        return settings
+    verb = "is" if len(off_names) == 1 else "are"
+    say(f"{', '.join(off_names)} {verb} off for {name}: its step(closure) evaluates the closure itself "
+        "(possibly several times), so deepopt cannot check or perturb one forward/backward per "
+        "update; the other mechanisms act.")
+    return replace(settings, guard=False, rho=0.0, noise=0.0, sam_rho=0.0, sam_every=1)
+
+
 class _ModelHook:
     """Callable stored in the model's hook dicts; inert once copied or unpickled.
 
-    Copies of an activated model (``deepcopy``, ``pickle``) are plain models: the hook
-    forgets its optimizer instead of dragging it (and its state) along.
+    Copies of an activated model (``deepcopy``, ``pickle``) leave these hooks out
+    (``_plain_model_state``); one copied some other way forgets its
+    optimizer instead of dragging it (and its state) along.
     """
 
     def __init__(self, owner: DeepOptimizer, method: str) -> None:
@@ -78,6 +128,24 @@ class _ModelHook:
 
     def __setstate__(self, state: dict) -> None:
         self.owner, self.method = None, state["method"]
+
+
+def _plain_model_state(model: nn.Module) -> dict:
+    """The pickled state of an activated ``model``: a plain model, no trace of deepopt.
+
+    Its weights are those ``model.state_dict()`` gives in the model's current mode (each
+    optimizer activated on it puts its view in place, as before a ``state_dict()``).
+    """
+    hook_dicts = {k: d for k, d in vars(model).items() if "hooks" in k and isinstance(d, dict)}
+    ours = {i for d in hook_dicts.values() for i, h in d.items() if isinstance(h, _ModelHook)}
+    for hook in list(hook_dicts.get("_state_dict_pre_hooks", {}).values()):
+        if isinstance(hook, _ModelHook):
+            hook(model, "", False)
+    state = type(model).__getstate__(model)
+    state.pop("__getstate__", None)
+    for name in hook_dicts.keys() & state.keys():  # keyed by hook id (with_kwargs, always_called too)
+        state[name] = type(state[name])((i, h) for i, h in state[name].items() if i not in ours)
+    return state
 
 
 class DeepOptimizer(torch.optim.Optimizer):
@@ -102,11 +170,16 @@ class DeepOptimizer(torch.optim.Optimizer):
         # pattern); __getattr__ forwards everything else, hook dicts included.
         self.optimizer = optimizer
         self.model = model
+        # LBFGS-like optimizers run the closure inside their own step (see _closure_driven).
+        self._closure_driven = needs_closure(optimizer)
+        if self._closure_driven:
+            settings = _closure_driven(settings, type(optimizer).__name__)
         self.settings = settings
         self.steps = 0
         self.calibrated: bool | None = None if settings.calibrate else False
         self.average = (
-            WeightAverage(settings.average, settings.ema_decay, every=settings.average_every)
+            WeightAverage(settings.average, settings.ema_decay, every=settings.average_every,
+                          width=settings.average_width, follows_lr=settings.average_follows_lr)
             if settings.average
             else None
         )
@@ -145,6 +218,10 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._forward_ok = False
         self._buffer_snapshot: list[Tensor] = []
         self._snapshot_taken = False  # buffers saved since the last step (guard only)
+        # torch.save(model) must load where deepopt is not installed: pickling the model
+        # (and copy.deepcopy) goes through this instance attribute, which leaves out every
+        # deepopt hook and shows the weights state_dict() would give.
+        model.__dict__["__getstate__"] = functools.partial(_plain_model_state, model)
 
     @property
     def _has_eval_view(self) -> bool:
@@ -212,6 +289,8 @@ class DeepOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """One optimizer step; ``closure`` enables exact two-pass SAM when ``sam_rho > 0``."""
         self._params_stale = True  # requires_grad may have changed since the last step
+        if self._closure_driven:
+            return self._closure_driven_step(closure, kwargs)
         if closure is not None and self.settings.sam_rho > 0:
             if self._sam_lr_in_range():
                 return self._two_pass_step(closure, **kwargs)
@@ -236,12 +315,26 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._after_update()
         return loss
 
-    def _base_step(self, kwargs: dict) -> None:
+    def _base_step(self, kwargs: dict, closure: Callable[[], Any] | None = None) -> Any:
         self._base_stepping = True
         try:
-            self.optimizer.step(**kwargs)
+            return self.optimizer.step(**kwargs) if closure is None else self.optimizer.step(closure, **kwargs)
         finally:
             self._base_stepping = False
+
+    def _closure_driven_step(self, closure: Callable[[], Any] | None, kwargs: dict) -> Any:
+        """A step of an optimizer that calls the closure itself (LBFGS): hand it the closure.
+
+        Its forwards start training forwards as usual (calibration, dropout-matched
+        evaluation's batch); the perturbations and the guard are off (``_closure_driven``).
+        """
+        self._show("train")
+        try:
+            loss = self._base_step(kwargs, closure)  # without a closure, the base raises its own TypeError
+        finally:
+            self._show("train")
+        self._after_update()
+        return loss
 
     def _before_update(self, loss: Any = None) -> bool:
         """The pre-update part of :meth:`step` (no closure): training weights shown, guard check.
@@ -372,7 +465,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         if self.lookahead is not None:
             self.lookahead.after_step(self._params())
         if self.average is not None:
-            self.average.update(self._eval_targets(), lr=lr)
+            self.average.update(self._eval_targets(), lr=lr, max_lr=self._max_lr)
         if self.settings.rho > 0:
             if self._momentum is None:
                 self._momentum = any(direction(s)[0] is not None for s in self.optimizer.state.values())
@@ -662,6 +755,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         for h in self._handles:
             h.remove()
         self._handles = []
+        hooks = [h for k, d in vars(self.model).items() if "hooks" in k and isinstance(d, dict) for h in d.values()]
+        if not any(isinstance(h, _ModelHook) for h in hooks):  # another optimizer's may remain
+            self.model.__dict__.pop("__getstate__", None)
         if getattr(self.optimizer, "_deepopt_wrapper", None) is self:
             del self.optimizer._deepopt_wrapper
         return self.optimizer

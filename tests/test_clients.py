@@ -1,0 +1,157 @@
+"""Training scripts written the way users write them, run unchanged three ways.
+
+Each script in ``tests/clients/`` runs under ``deepopt run --off`` (plain PyTorch),
+``deepopt run`` and with an explicit ``deepopt.activate`` (``DEEPOPT_CLIENT=activate``).
+The default recipe leaves training unchanged on these healthy nets, so the training
+weights must be bitwise equal all three ways, and what deepopt cannot do is said once,
+in one ``deepopt:`` line. The README's "Works with" table records the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepopt import cli
+
+CLIENTS = Path(__file__).parent / "clients"
+GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
+NO_GUARD_ON_CLOSURE = "the divergence guard does not act on SGD.step(closure) under deepopt run"
+NO_SAM = "two-pass SAM (sam_rho=0.05) does not act under deepopt run"
+
+# script: (the deepopt lines of `deepopt run`, those of explicit activate), each a prefix
+EXPECTED = {
+    "word_lm.py": (["activated AdamW on RNNModel (6 tensors, 3026 parameters)"], []),
+    "lbfgs.py": ([GUARD_OFF, "activated LBFGS on Sequence"], [GUARD_OFF]),
+    "closure.py": (["activated SGD on Sequential", NO_GUARD_ON_CLOSURE], []),
+    "hand_sgd.py": (["nothing activated: the script built no torch.optim optimizer before the first "
+                     "backward"], []),
+    "gan.py": (["activated Adam on Sequential (6 tensors", "activated Adam on Sequential (4 tensors"], []),
+    "rl.py": (["activated Adam on Sequential"], []),
+    "accumulate.py": (["activated SGD on Sequential"], []),
+    "two_optimizers.py": (["activated SGD on Net (4 tensors", "activated Adam on Net (2 tensors"], []),
+    "low_precision.py": (["activated SGD on Sequential", "activated SGD on Sequential"], []),
+}
+
+
+def deepopt_lines(stderr: str) -> list[str]:
+    return [line.removeprefix("deepopt: ") for line in stderr.splitlines() if line.startswith("deepopt: ")]
+
+
+_runs: dict[tuple, tuple[Path, list[str]]] = {}
+
+
+def client(script: str, mode: str, capfd, tmp_path_factory, *flags: str) -> tuple[Path, list[str]]:
+    """Run ``script`` once per test session in ``mode``: its output folder and ``deepopt:`` lines.
+
+    Each run costs an interpreter start and torch's imports (about 3 s of CPU): the tests
+    below share them.
+    """
+    key = (script, mode, flags)
+    if key not in _runs:
+        out = tmp_path_factory.mktemp(f"{Path(script).stem}-{mode}")
+        _runs[key] = out, run_client(script, mode, out, capfd, *flags)
+    return _runs[key]
+
+
+def run_client(script: str, mode: str, out: Path, capfd, *flags: str) -> list[str]:
+    """Run ``script`` writing into ``out``; return its ``deepopt:`` lines (it must succeed)."""
+    env = {"OMP_NUM_THREADS": "1", "DEEPOPT_CLIENT": mode}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        capfd.readouterr()
+        if mode == "activate":
+            status = subprocess.call([sys.executable, str(CLIENTS / script), str(out)], timeout=120)
+        else:  # deepopt run itself, in this process: one interpreter start less per run
+            off = ["--off"] if mode == "off" else []
+            status = cli.main(["run", *off, *flags, "--", "python", str(CLIENTS / script), str(out)])
+        stderr = capfd.readouterr().err
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert status == 0, stderr[-3000:]
+    return deepopt_lines(stderr)
+
+
+def assert_said(lines: list[str], expected: list[str]) -> None:
+    assert len(lines) == len(expected), lines
+    for line, prefix in zip(lines, expected):
+        assert line.startswith(prefix), (line, prefix)
+
+
+def training_weights(out: Path) -> dict:
+    return torch.load(out / "weights.pt")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_client_trains_as_plain_pytorch_three_ways(script, capfd, tmp_path_factory):
+    off, off_lines = client(script, "off", capfd, tmp_path_factory)
+    assert off_lines == ["off (A/B twin run)"]
+    run, run_lines = client(script, "run", capfd, tmp_path_factory)
+    assert_said(run_lines, EXPECTED[script][0])
+    plain = training_weights(off)
+    assert_bitwise_equal(training_weights(run), plain)
+    if script != "hand_sgd.py":  # no optimizer: nothing to activate explicitly
+        explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory)
+        assert_said(explicit_lines, EXPECTED[script][1])
+        assert_bitwise_equal(training_weights(explicit), plain)
+
+
+LOAD_WITHOUT_DEEPOPT = """
+import sys
+sys.modules["deepopt"] = None  # deepopt cannot be imported here: `import deepopt` raises
+import torch
+from torch import nn
+from lm_model import RNNModel
+for path, state_path in zip(sys.argv[1::2], sys.argv[2::2]):
+    state = torch.load(state_path)
+    with torch.serialization.safe_globals([RNNModel, nn.Dropout, nn.Embedding, nn.LSTM, nn.Linear]):
+        safe = torch.load(path)  # weights_only=True, as the word language model reloads it
+    full = torch.load(path, weights_only=False)
+    for model in (safe, full):
+        assert model.decoder.weight is model.encoder.weight
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert not model._forward_pre_hooks and not model._state_dict_pre_hooks
+    print("loaded")
+"""
+
+
+def test_model_saved_whole_loads_where_deepopt_is_not_installed(capfd, tmp_path_factory):
+    outs = [client("word_lm.py", mode, capfd, tmp_path_factory)[0] for mode in ("run", "activate")]
+    for out in outs:
+        assert b"deepopt" not in (out / "model.pt").read_bytes()
+    # Each is compared with the state_dict() saved beside it, in the same (eval) mode.
+    paths = [str(out / name) for out in outs for name in ("model.pt", "model_state.pt")]
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DEEPOPT, *paths], cwd=CLIENTS,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.split() == ["loaded", "loaded"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script, limits", [("accumulate.py", [NO_SAM]),
+                                            ("closure.py", [NO_SAM, NO_GUARD_ON_CLOSURE])])
+def test_thorough_says_under_deepopt_run_that_sam_cannot_act(script, limits, capfd, tmp_path_factory):
+    run, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
+    assert_said(lines, ["activated SGD on Sequential", *limits])
+    assert lines[0].endswith("recipe=thorough")
+    off, _ = client(script, "off", capfd, tmp_path_factory)
+    # SAM does not act: the run trains as plain PyTorch, as the line says
+    assert_bitwise_equal(training_weights(run), training_weights(off))

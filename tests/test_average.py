@@ -8,7 +8,14 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, train
-from deepopt.mechanisms.average import WeightAverage, average_, ema_decay
+from deepopt.mechanisms.average import (
+    WeightAverage,
+    average_,
+    ema_decay,
+    lr_window,
+    power_gamma,
+    power_weight,
+)
 
 
 def test_ema_decay_warmup():
@@ -159,3 +166,59 @@ def test_average_restart_also_acts_on_a_two_pass_sam_step():
     expected = [torch.stack(ws).mean(0) for ws in zip(*seen)]
     for p, e in zip(first[0], expected):
         torch.testing.assert_close(p, e)
+
+
+def test_power_average_weighs_iterate_i_about_i_to_the_gamma():
+    avg = WeightAverage("power", width=0.1)
+    values = [1.0, 4.0, -2.0, 8.0, 3.0, 5.0]
+    for v in values:
+        avg.update([torch.tensor([v], dtype=torch.float64)])
+    g = power_gamma(0.1)
+    # Iterate i (1-based) weighs i**(g+1) - (i-1)**(g+1), about (g+1) i**g (EDM2, eq. 3).
+    weights = [i ** (g + 1) - (i - 1) ** (g + 1) for i in range(1, len(values) + 1)]
+    expected = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+    assert avg.tensors[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_power_window_is_a_fixed_fraction_of_the_steps_so_far():
+    # The weight of the newest iterate falls as 1/t: twice the steps, half the weight.
+    g = power_gamma(0.05)
+    assert power_weight(2000, g) / power_weight(1000, g) == pytest.approx(0.5, rel=1e-2)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        power_gamma(0.3)
+
+
+def test_lr_following_window_tracks_the_iterate_when_the_lr_reaches_zero():
+    avg = WeightAverage("power", width=0.05, follows_lr=True)
+    for v, lr in ((1.0, 0.1), (2.0, 0.1), (3.0, 0.05), (10.0, 0.0)):
+        avg.update([torch.tensor([v])], lr=lr, max_lr=0.1)
+    assert avg.tensors[0].item() == 10.0  # the annealed iterate, not a mean with earlier ones
+    assert lr_window(0.01, lr=0.05, max_lr=0.1) == pytest.approx(0.02)
+
+
+def test_activated_power_average_matches_a_hand_kept_average_of_the_trajectory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+    model, opt = deepopt.activate(model, opt, average="power", average_width=0.1, average_follows_lr=True)
+    hand = WeightAverage("power", width=0.1, follows_lr=True)
+    max_lr = 0.0
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    for _ in range(10):
+        nn.functional.cross_entropy(model(x), y).backward()
+        lr = opt.param_groups[0]["lr"]
+        opt.step(); opt.zero_grad(); sched.step()
+        max_lr = max(max_lr, lr)
+        hand.update([p.detach() for p in model.parameters()], lr=lr, max_lr=max_lr)
+    model.eval()
+    model(x)  # an evaluation forward shows the evaluation weights
+    shown = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(shown, hand.tensors))
+    assert not all(torch.equal(a, b) for a, b in zip(shown, opt.state_dict()["deepopt"]["train_values"]))
+
+
+def test_average_width_out_of_range_is_refused_with_its_name():
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="average_width=0.5"):
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), average="power", average_width=0.5)

@@ -407,7 +407,7 @@ def test_mnist1d_suite_appends_rows_skips_finished_and_reports(tmp_path, monkeyp
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     out = tmp_path / "m.jsonl"
-    argv = ["--nets", "mlp", "--seeds", "2", "--epochs", "2", "--settings", "{}", '{"noise": 0.1}',
+    argv = ["--nets", "mlp", "--num-seeds", "2", "--epochs", "2", "--settings", "{}", '{"noise": 0.1}',
             "--validation", "--out", str(out), "--no-progress"]
     assert mnist1d.main(argv) == 0 and mnist1d.main(argv) == 0
     assert calls == [("mlp", {}, True), ("mlp", {"noise": 0.1}, True)]  # second call: all skipped

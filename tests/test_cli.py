@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 import types
@@ -47,10 +49,12 @@ def test_demo_help_explains_every_option(capsys):
     assert code == 0
     demo_parser = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
     for action in demo_parser._actions:
+        if action.help == argparse.SUPPRESS:  # --seeds: an error naming --num-seeds
+            continue
         assert action.help, f"{action.option_strings} has no help"
         for opt in action.option_strings:
             assert opt in out
-    for word in ("MNIST-1D", "--net", "deep", "mlp", "cnn", "gru", "--seeds", "--recipe", "--out", "--threads", "--workers"):
+    for word in ("MNIST-1D", "--net", "deep", "mlp", "cnn", "gru", "--num-seeds", "--recipe", "--out", "--threads", "--workers"):
         assert word in out
     assert "Default: deep." in " ".join(out.split())
 
@@ -92,7 +96,7 @@ def test_missing_bench_module_is_a_clear_error(capsys, monkeypatch):
 def test_tiny_demo_writes_table_png_and_json(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     code, out, err = run(
-        capsys, "demo", "--net", "mlp", "--epochs", "1", "--limit", "500", "--seeds", "2",
+        capsys, "demo", "--net", "mlp", "--epochs", "1", "--limit", "500", "--num-seeds", "2",
         "--out", str(out_dir), "--set", "average=ema",
     )
     assert code == 0, err
@@ -125,7 +129,7 @@ def test_default_demo_is_the_deep_net_and_calibration_makes_the_difference(capsy
     # No --net: the default network, the plain deep conv net whose signal vanishes at init.
     assert demo.DEFAULT_NET == "deep"
     code, out, err = run(
-        capsys, "demo", "--epochs", "2", "--limit", "256", "--seeds", "1", "--out", str(tmp_path),
+        capsys, "demo", "--epochs", "2", "--limit", "256", "--num-seeds", "1", "--out", str(tmp_path),
         "--no-progress",
     )
     assert code == 0, err
@@ -294,3 +298,95 @@ def test_parse_overrides_types():
     assert demo.parse_overrides(["rho=0.05", "max_skips=5", "average=none", "adaptive=true"]) == {
         "rho": 0.05, "max_skips": 5, "average": None, "adaptive": True,
     }
+
+
+def options_without_help(help_text: str) -> list[str]:
+    """The options of an argparse help text that have no help line."""
+    lines = help_text.splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        option = re.match(r"  (--?[\w-]+)", line)
+        if option is None:
+            continue
+        beside = len(re.split(r"\s{2,}", line.strip(), maxsplit=1)) == 2
+        below = i + 1 < len(lines) and re.match(r"\s{6,}[^\s-]", lines[i + 1]) is not None
+        if not (beside or below):
+            missing.append(option.group(1))
+    return missing
+
+
+def test_options_without_help_are_found():
+    text = "options:\n  -h, --help     show this\n  --steps STEPS\n  --out OUT\n                 file\n"
+    assert options_without_help(text) == ["--steps"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["bench"], ["bench", "overhead"], ["bench", "mnist1d"],
+                                     ["report"]])
+def test_every_option_has_help_with_its_default_and_no_rest_markup(command, capsys):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and "``" not in out and ":func:" not in out
+    assert options_without_help(out) == []
+    text = " ".join(out.split())
+    if command == ["bench"]:
+        listed = text.split("positional")[0]
+        assert all(name in listed for name in ("overhead", "mnist1d", "zoo", "ablation", "seed6"))
+    if command == ["run"]:
+        assert "{default,safe,thorough}" in out
+    if command == ["bench", "overhead"]:
+        assert text.count("Default:") == 4  # --nets, --settings, --steps, --out
+    if command == ["report"]:
+        assert text.count("Default:") == 2 and "the tables are printed to stdout" in text
+
+
+@pytest.mark.parametrize("argv", [["demo", "--seeds", "3"], ["bench", "mnist1d", "--seeds", "5"]])
+def test_seeds_means_a_list_everywhere_and_a_count_says_num_seeds(argv, capsys):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--num-seeds N" in err and "list of seeds" in err
+
+
+def test_report_writes_only_where_asked_and_says_what(tmp_path, monkeypatch, capsys):
+    from deepopt.bench import report
+
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "overhead.jsonl"
+    rows.write_text(json.dumps({"net": 6, "settings": {}, "ms_per_step_classical": 10.0,
+                                "ms_per_step_activated": 10.5, "ratio": 1.05}) + "\n")
+    assert report.main([str(rows)]) == 0
+    out, err = capsys.readouterr()
+    assert "| 6 | `{}` | 10.00 | 10.50 | 1.05x |" in out and "overhead: 1 rows" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.jsonl"]  # nothing written
+    md = tmp_path / "NOTES.md"
+    md.write_text("# Notes\n\nprose\n<!-- BEGIN overhead -->\nold\n<!-- END overhead -->\nmore prose\n")
+    assert report.main([str(rows), "--markdown", str(md)]) == 0
+    assert f"wrote {md}: overhead" in capsys.readouterr().out
+    text = md.read_text()
+    assert "old" not in text and "10.50" in text and text.startswith("# Notes\n\nprose\n")
+    assert text.endswith("<!-- END overhead -->\nmore prose\n")
+
+
+def test_progress_is_one_line_per_epoch_without_a_terminal(capsys):
+    from deepopt.progress import progress_bar
+
+    with progress_bar(total=3, unit="epoch", desc="demo") as bar:
+        for _ in range(3):
+            bar.set_postfix_str("acc 50%")
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [f"demo: epoch {i}/3 (acc 50%)" for i in (1, 2, 3)]
+
+
+def test_demo_plot_shows_the_whole_scale_the_net_described_and_the_legend_off_the_curves(tmp_path,
+                                                                                        monkeypatch):
+    import matplotlib.pyplot as plt
+
+    result = {"config": {"net": "deep", "epochs": 3, "lr_milestones": [2], "recipe": "default",
+                         "overrides": {}},
+              "seeds": [{m: {"test_acc": [10.0, 11.0, 12.0 + k]} for k, m in enumerate(("classical", "deepopt"))}]}
+    seen = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: seen.setdefault("ax", fig.axes[0]))
+    demo_report.plot_curves(result, tmp_path / "p.png")
+    ax = seen["ax"]
+    assert ax.get_ylim() == (0.0, 100.0)
+    assert "20-layer plain conv net" in ax.get_title() and "MNIST-1D deep" not in ax.get_title()
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().y1 < ax.get_window_extent().y0 + 1  # below the axes

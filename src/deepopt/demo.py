@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .datasets import cache_dir, load_mnist1d
 from .demo_report import format_table, plot_curves
+from .progress import progress_bar
 
 __all__ = [
     "NETS",
@@ -394,10 +395,8 @@ def _run_seeds(
     data: dict[str, Tensor], *, net: str, epochs: int, seeds: range, progress: bool, **kwargs: Any
 ) -> list[dict[str, dict[str, Any]]]:
     """Every seed's pair in this process, the two runs of a pair interleaved epoch by epoch."""
-    from tqdm.auto import tqdm
-
     per_seed = []
-    with tqdm(total=len(seeds) * epochs, unit="epoch", disable=not progress) as bar:
+    with progress_bar(total=len(seeds) * epochs, unit="epoch", enabled=progress) as bar:
         for s in seeds:
             bar.set_description(f"deepopt demo: {net}, seed {s}")
 
@@ -452,15 +451,13 @@ def _run_parallel(
     import queue
     from concurrent.futures import ProcessPoolExecutor, wait
 
-    from tqdm.auto import tqdm
-
     context = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
     ticks = context.Queue()
     kwargs = {"net": net, "epochs": epochs, **kwargs}
     with ProcessPoolExecutor(workers, context, _start_worker, (data, ticks, threads)) as pool:
         futures = {(s, m): pool.submit(_train_alone, m, seed=s, **kwargs) for s in seeds for m in _MODES}
         last = {}
-        with tqdm(total=len(futures) * epochs, unit="epoch", disable=not progress) as bar:
+        with progress_bar(total=len(futures) * epochs, unit="epoch", enabled=progress) as bar:
             bar.set_description(f"deepopt demo: {net}, {len(futures)} runs on {workers} processes")
             pending = set(futures.values())
             while bar.n < bar.total:
@@ -630,6 +627,22 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+class _SeedsIsAList(argparse.Action):
+    """``--seeds`` where the option is the number of seeds: an error that names the fix."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        parser.error("--seeds is a list of seeds (as on deepopt bench ablation, seed6 and zoo); "
+                     "here give the number of seeds with --num-seeds N (seeds SEED, SEED+1, ...)")
+
+
+def add_seeds_is_a_list(parser: argparse.ArgumentParser) -> None:
+    """Make ``--seeds`` an error naming ``--num-seeds`` on a command that counts seeds.
+
+    ``--seeds`` means a list of seeds on every deepopt command; a count has its own name.
+    """
+    parser.add_argument("--seeds", nargs="*", action=_SeedsIsAList, help=argparse.SUPPRESS)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``deepopt demo`` options to ``parser``."""
     from deepopt.recipes import RECIPES
@@ -651,10 +664,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + " (a gru epoch costs about 10x a cnn epoch, a deep one about 4x).",
     )
     parser.add_argument(
-        "--seeds", type=_positive, default=DEFAULT_SEEDS, metavar="N",
+        "--num-seeds", dest="seeds", type=_positive, default=DEFAULT_SEEDS, metavar="N",
         help="number of seeds; with N > 1 the table shows mean ± std over seeds and the "
         "paired difference (deepopt - classical, same seed). Default: %(default)s.",
     )
+    add_seeds_is_a_list(parser)
     parser.add_argument(
         "--seed", type=int, default=0,
         help="first seed (seeds are SEED, SEED+1, ...); it fixes the initial weights and "

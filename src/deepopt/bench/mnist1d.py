@@ -8,8 +8,8 @@ the last 20% of the training set, so settings are chosen without the test set.
 
 Example (shell)::
 
-    deepopt bench mnist1d --nets mlp cnn gru --seeds 5 --settings '{}' '{"noise": 0.1}'
-    deepopt report benchmarks/results/mnist1d.jsonl
+    deepopt bench mnist1d --nets mlp cnn gru --num-seeds 5 --settings '{}' '{"noise": 0.1}'
+    deepopt report benchmarks/results/mnist1d.jsonl --markdown BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -45,13 +45,24 @@ def _row(result: dict, settings: dict, split: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, skipping rows already in the results file."""
-    from deepopt.demo import DEFAULT_EPOCHS, NETS, run_demo
+    from deepopt.demo import DEFAULT_EPOCHS, NETS, add_seeds_is_a_list, run_demo
 
-    p = argparse.ArgumentParser(prog="deepopt bench mnist1d", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="deepopt bench mnist1d",
+        description="MNIST-1D classical/activated pairs (same init and data order per seed) for each "
+        "network and settings dict, in minutes; one JSON row per (net, settings, split) is appended "
+        "to --out, and rows already there are skipped.",
+        epilog="example: deepopt bench mnist1d --nets mlp cnn --num-seeds 5 --settings '{}' "
+        "'{\"noise\": 0.1}'",
+    )
     p.add_argument("--nets", nargs="+", choices=NETS, default=["mlp", "cnn", "gru"],
                    help="networks, as in deepopt demo --net (default: mlp cnn gru)")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the demo's per net")
+    p.add_argument("--num-seeds", dest="seeds", type=int, default=5, metavar="N",
+                   help="number of seeds, 0..N-1 (default: 5)")
+    add_seeds_is_a_list(p)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (default: the demo's per net: " + ", ".join(
+                       f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
     p.add_argument("--settings", nargs="+", default=["{}"],
                    help='JSON dicts of deepopt settings, e.g. \'{"noise": 0.1}\' (recipe "default")')
     p.add_argument("--validation", action="store_true",

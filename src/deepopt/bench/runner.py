@@ -92,7 +92,11 @@ _SHARING = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepopt bench", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = argparse.ArgumentParser(
+        prog="deepopt bench", description="deepopt's benchmarks, each resumable: "
+        "overhead (cost per step), mnist1d (MNIST-1D pairs, minutes), zoo (the setups users run), "
+        "ablation (one mechanism per run on the seed's CIFAR-10 nets) and seed6 (the seed's "
+        "six-network benchmark). 'deepopt bench NAME --help' lists a benchmark's options.")
     sub = p.add_subparsers(dest="suite", required=True)
     sub.add_parser("overhead", help="per-step CPU cost of recipes vs classical -> overhead.jsonl "
                    "(options: deepopt bench overhead --help)")

@@ -295,7 +295,7 @@ def run(
     swa_start = settings.get("swa_start_epoch", 0)
     order = torch.Generator().manual_seed(seed)
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     test_acc: list[float] = []
     train_loss: list[float] = []
@@ -315,8 +315,8 @@ def run(
         train_cpu_sec = state.get("train_cpu_sec", [])  # absent from checkpoints of older versions
         first = len(test_acc)
     n = len(x_train)
-    bar = tqdm(range(first, n_epochs), desc=f"net{net} {mode} s{seed}", disable=not progress,
-               initial=first, total=n_epochs)
+    bar = progress_bar(range(first, n_epochs), desc=f"net{net} {mode} s{seed}", enabled=progress,
+                       initial=first, total=n_epochs, unit="epoch")
     for epoch in bar:
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()

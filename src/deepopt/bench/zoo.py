@@ -654,6 +654,12 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
                 curves[name][split].append(score)
     if not math.isfinite(train_loss[-1]):
         print(f"  {setup.name} seed {seed} {mode}: training loss {train_loss[-1]}", file=sys.stderr)
+    resolved = None
+    if kwargs is not None:  # what the recipe meant when this ran (recipes change)
+        from deepopt.recipes import resolve
+
+        overrides = {k: v for k, v in kwargs.items() if k != "recipe"}
+        resolved = resolve(kwargs.get("recipe", "default"), overrides).as_dict()
     rows = []
     for name in curves:
         settings = (observers[name][1] if name in obs else (_activate_kwargs(mode)[0] or {}))
@@ -661,7 +667,7 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
         for split in ("val", "test"):
             rows.append({
                 "setup": setup.name, "seed": seed, "mode": name, "settings": settings,
-                "trajectory": mode, "split": split, "final": curves[name][split][-1],
+                "resolved": resolved if name == mode else None, "trajectory": mode, "split": split, "final": curves[name][split][-1],
                 "per_epoch": curves[name][split], "train_loss": train_loss,
                 "sec_per_step": sps, "steps": steps, "epochs": setup.epochs,
                 "task": setup.task, "family": setup.family, "schedule": setup.schedule,

@@ -111,6 +111,9 @@ def average_(avg: list[Tensor], new: list[Tensor], weight: float) -> None:
         >>> a
         [tensor([1.]), tensor([7])]
     """
+    if all(a.is_floating_point() for a in avg):  # the common case, kept cheap: every step
+        torch._foreach_lerp_(avg, new, weight)
+        return
     floats = [(a, n) for a, n in zip(avg, new) if a.is_floating_point()]
     if floats:
         torch._foreach_lerp_([a for a, _ in floats], [n for _, n in floats], weight)

@@ -10,6 +10,11 @@ from torch import nn
 
 torch.set_num_threads(1)
 
+# tests/clients holds training scripts, run by tests/test_clients.py in their own processes:
+# importing them (--doctest-modules imports every module) would train at import. A conftest
+# of their own would shadow this one (both import as "conftest").
+collect_ignore = ["clients"]
+
 
 def mlp(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 3))

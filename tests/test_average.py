@@ -97,7 +97,7 @@ def test_average_restart_continues_from_the_phase_average_after_an_lr_drop():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, average="phase", average_restart=True)
+    model, opt = deepopt.activate(model, opt, recipe="safe", average="phase", average_restart=True)
     x = torch.randn(16, 3)
     seen = []
     for _ in range(4):
@@ -119,7 +119,7 @@ def test_average_restart_continues_from_the_phase_average_after_an_lr_drop():
 def test_average_restart_needs_averaging():
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="average_restart"):
-        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), average_restart=True)
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe", average_restart=True)
 
 
 def test_average_every_k_folds_every_kth_iterate_with_the_same_horizon():
@@ -144,7 +144,7 @@ def test_average_restart_also_acts_on_a_two_pass_sam_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, average="phase", average_restart=True, sam_rho=0.05)
+    model, opt = deepopt.activate(model, opt, recipe="safe", average="phase", average_restart=True, sam_rho=0.05)
     x = torch.randn(16, 3)
     seen, first = [], []
 
@@ -201,7 +201,8 @@ def test_activated_power_average_matches_a_hand_kept_average_of_the_trajectory()
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
-    model, opt = deepopt.activate(model, opt, average="power", average_width=0.1, average_follows_lr=True)
+    model, opt = deepopt.activate(model, opt, average="power", average_width=0.1, average_follows_lr=True,
+                                  average_every=1)
     hand = WeightAverage("power", width=0.1, follows_lr=True)
     max_lr = 0.0
     x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
@@ -216,6 +217,19 @@ def test_activated_power_average_matches_a_hand_kept_average_of_the_trajectory()
     shown = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(shown, hand.tensors))
     assert not all(torch.equal(a, b) for a, b in zip(shown, opt.state_dict()["deepopt"]["train_values"]))
+
+
+def test_a_window_of_one_step_is_taken_at_once_even_between_folds():
+    # every=4, but once the LR has fallen enough the average is the iterate at every step
+    avg = WeightAverage("power", width=0.05, every=4, follows_lr=True)
+    for v, lr in ((1.0, 0.1), (2.0, 0.1), (3.0, 0.1), (4.0, 1e-6), (5.0, 1e-6)):
+        avg.update([torch.tensor([v])], lr=lr, max_lr=0.1)
+        last = v
+    assert avg.tensors[0].item() == last
+    plain = WeightAverage("power", width=0.05, every=4)
+    for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+        plain.update([torch.tensor([v])], lr=0.1, max_lr=0.1)
+    assert plain.count == 2  # the first iterate, then one fold after 4 more steps
 
 
 def test_average_width_out_of_range_is_refused_with_its_name():

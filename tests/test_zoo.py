@@ -32,7 +32,7 @@ def test_a_screened_average_equals_the_activated_mechanism(data):
     setup = dataclasses.replace(TINY, schedule="none", optimizer=zoo._sgd(0.05, 0.9))
     observers = {k: zoo.OBSERVERS[k] for k in ("power-0.05-lrwin", "ema-0.999")}
     screened = zoo.run_setup(setup, 0, "classical", data, observers)
-    mode = 'deepopt:{"average": "power", "average_follows_lr": true}'
+    mode = 'deepopt:{"average": "power", "average_follows_lr": true, "average_every": 1}'
     shipped = zoo.run_setup(setup, 0, mode, data)
     # Evaluation-only candidates ride on the classical trajectory: same training loss.
     assert _final(screened, "power-0.05-lrwin")["train_loss"] == _final(shipped, mode)["train_loss"]

@@ -177,10 +177,16 @@ class WeightAverage:
             self.count, self.lr, self.calls = 1, lr, 0
             return
         self.calls += 1
-        if self.calls < self.every:
+        weight = self.weight(lr, max_lr)
+        # A weight of 1 (the LR-following window, once the LR has fallen far enough) is
+        # taken at once: the average is then exactly the current iterate, every step.
+        if self.calls < self.every and weight < 1.0:
             return
         self.calls = 0
-        average_(self.tensors, current, self.weight(lr, max_lr))
+        if weight >= 1.0:
+            torch._foreach_copy_(self.tensors, [t.detach() for t in current])
+        else:
+            average_(self.tensors, current, weight)
         self.count += 1
 
     def state_dict(self) -> dict:

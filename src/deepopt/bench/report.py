@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows and "setup" in rows[0]:  # the zoo: its own tables and forest plot
             from . import zoo_report
 
+            zoo_report.use_costs(path.with_name("zoo-cost.jsonl"))
             text = put(text, "zoo-screen", zoo_report.screen_table(rows))
             text = put(text, "zoo", zoo_report.setup_table(rows))
             text = put(text, "zoo-summary", zoo_report.summary_table(rows))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from deepopt.mechanisms.average import (
 __all__ = ["SETUPS", "OBSERVERS", "Setup", "load_data", "run_setup", "main"]
 
 DEFAULT_OUT = "benchmarks/results/zoo.jsonl"
+DEFAULT_COST = "benchmarks/results/zoo-cost.jsonl"
 
 # -- data ------------------------------------------------------------------------------
 
@@ -654,12 +656,7 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
                 curves[name][split].append(score)
     if not math.isfinite(train_loss[-1]):
         print(f"  {setup.name} seed {seed} {mode}: training loss {train_loss[-1]}", file=sys.stderr)
-    resolved = None
-    if kwargs is not None:  # what the recipe meant when this ran (recipes change)
-        from deepopt.recipes import resolve
-
-        overrides = {k: v for k, v in kwargs.items() if k != "recipe"}
-        resolved = resolve(kwargs.get("recipe", "default"), overrides).as_dict()
+    resolved = None if kwargs is None else _resolved(kwargs)
     rows = []
     for name in curves:
         settings = (observers[name][1] if name in obs else (_activate_kwargs(mode)[0] or {}))
@@ -675,6 +672,58 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
                 "torch": torch.__version__,
             })
     return rows
+
+
+def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 240, block: int = 20) -> dict:
+    """CPU time per step of ``mode`` against classical, in alternating blocks in this process.
+
+    Wall-clock times of separate runs on a shared machine differ by the load of the moment
+    (up to 2x here); alternating blocks timed with the process's CPU clock see the same
+    load, so their ratio is the mechanism's cost. The first block of each is a warm-up.
+    """
+    import deepopt
+
+    kwargs, closure = _activate_kwargs(mode)
+    runs = []
+    for activated in (False, True):
+        torch.manual_seed(0)
+        model = setup.net()
+        opt = base = setup.optimizer(model.parameters())
+        if activated and kwargs is not None:
+            model, opt = deepopt.activate(model, base, **kwargs)
+        runs.append((model, opt))
+    gen = torch.Generator().manual_seed(0)
+    times: list[list[float]] = [[], []]
+    for _ in range(steps // block):
+        for i, (model, opt) in enumerate(runs):
+            t0 = time.process_time()
+            for _ in range(block):
+                idx = torch.randint(len(data["y"]), (setup.batch_size,), generator=gen)
+                xb, yb = data["x"][idx], data["y"][idx]
+                if closure and i == 1:
+                    def closure_fn(model=model, opt=opt, xb=xb, yb=yb):
+                        opt.zero_grad(set_to_none=True)
+                        loss = setup.loss(model(xb), yb, model)
+                        loss.backward()
+                        return loss
+                    opt.step(closure_fn)
+                else:
+                    setup.loss(model(xb), yb, model).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            times[i].append((time.process_time() - t0) / block)
+    base_ms, mode_ms = (statistics.median(t[1:]) * 1e3 for t in times)
+    return {"setup": setup.name, "mode": mode, "ms_per_step_classical": base_ms, "ms_per_step": mode_ms,
+            "ratio": mode_ms / base_ms, "steps": steps, "threads": torch.get_num_threads(),
+            "resolved": None if kwargs is None else _resolved(kwargs), "torch": torch.__version__}
+
+
+def _resolved(kwargs: dict) -> dict:
+    """What the recipe of ``deepopt.activate(**kwargs)`` meant when this ran (recipes change)."""
+    from deepopt.recipes import resolve
+
+    overrides = {k: v for k, v in kwargs.items() if k != "recipe"}
+    return resolve(kwargs.get("recipe", "default"), overrides).as_dict()
 
 
 # -- runner ----------------------------------------------------------------------------
@@ -728,6 +777,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 source for the cifar-* setups")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results file (default: {DEFAULT_OUT})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--cost", action="store_true",
+                   help="instead of training, time each training mode against classical in alternating "
+                   f"blocks (CPU clock) and append a row per setup and mode to {DEFAULT_COST}")
     return p
 
 
@@ -745,12 +797,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"deepopt bench zoo: unknown observer(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
+    if args.cost:
+        return _cost_main(args)
     plan = list(_planned(args))
     if not plan:
         print(f"deepopt bench zoo: every planned run is in {args.out}")
         return 0
     bar = tqdm(plan, desc="zoo", unit="run", disable=None)
-    for setup, seed, mode, observers in bar:
+    for done_runs, (setup, seed, mode, observers) in enumerate(bar, 1):
         bar.set_postfix_str(f"{setup.name} s{seed} {mode}")
         try:
             data = load_data(setup.data, args.data)
@@ -765,8 +819,31 @@ def main(argv: list[str] | None = None) -> int:
                 append_row(args.out, row)
         if bar.disable:  # no terminal: a line per run instead of a bar
             final = next(r["final"] for r in rows if r["mode"] == mode and r["split"] == "test")
-            print(f"zoo {bar.n + 1}/{len(plan)}: {setup.name} seed {seed} {mode}: test {final:.2f} "
+            print(f"zoo {done_runs}/{len(plan)}: {setup.name} seed {seed} {mode}: test {final:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+def _cost_main(args: argparse.Namespace) -> int:
+    from .train import append_row
+
+    out = Path(args.out if args.out != DEFAULT_OUT else DEFAULT_COST)
+    done = set()
+    if out.is_file():
+        done = {(r["setup"], r["mode"]) for r in map(json.loads, out.read_text().splitlines())}
+    for setup in (SETUPS[s] for s in args.setups):
+        for mode in (m for m in args.modes if m != "classical"):
+            if (setup.name, mode) in done:
+                continue
+            try:
+                data = load_data(setup.data, args.data)
+            except FileNotFoundError as e:
+                print(f"deepopt bench zoo: skipping {setup.name}: {e}", file=sys.stderr)
+                break
+            row = measure_cost(setup, mode, data)
+            append_row(out, row)
+            print(f"cost {setup.name} {mode}: {row['ratio']:.2f}x "
+                  f"({row['ms_per_step_classical']:.2f} -> {row['ms_per_step']:.2f} ms/step)", flush=True)
     return 0
 
 

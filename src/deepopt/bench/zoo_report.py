@@ -8,6 +8,10 @@
 * ``zoo-summary``: the same by setup family, the table the README shows.
 * ``zoo-forest.png``: gain +/- 95% interval per setup and mode, on the test split.
 
+Costs per step of the training modes come from ``zoo-cost.jsonl`` beside the rows
+(``deepopt bench zoo --cost``: alternating blocks timed with the CPU clock in one
+process); those of the evaluation-only candidates from their own runs.
+
 Metric: final-epoch accuracy in % (classification) or ``R^2`` in % (regression);
 higher is better, gains are in points.
 
@@ -25,7 +29,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["gains", "interval", "screen_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
+__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
@@ -69,8 +73,29 @@ def gains(rows: list[dict], mode: str, split: str) -> dict[str, list[float]]:
     return out
 
 
+#: ``(setup, mode) -> CPU-time ratio`` from ``zoo-cost.jsonl`` (``deepopt bench zoo --cost``),
+#: set by :func:`use_costs`; modes not in it (the evaluation-only candidates) are costed
+#: within their own run (classical step plus their measured update).
+COSTS: dict[tuple[str, str], float] = {}
+
+
+def use_costs(path: Path) -> int:
+    """Read the timed costs of the training modes from ``path`` (the latest row wins)."""
+    import json
+
+    COSTS.clear()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            COSTS[(r["setup"], r["mode"])] = r["ratio"]
+    return len(COSTS)
+
+
 def _cost(rows: list[dict], mode: str, setup: str | None = None) -> float | None:
-    """Median over runs of seconds per step relative to the same seed's classical run."""
+    """Median cost per step relative to classical: timed (``COSTS``), else within the run."""
+    timed = [v for (s, m), v in COSTS.items() if m == mode and (setup is None or s == setup)]
+    if timed:
+        return statistics.median(timed)
     idx = _index(rows, "test")
     ratios = []
     for (s, m), by_seed in idx.items():
@@ -160,12 +185,12 @@ def summary_table(rows: list[dict], mode: str = "deepopt") -> str:
         base = [idx[(s, "classical")][k]["final"] for s, k in pairs]
         ours = [idx[(s, mode)][k]["final"] for s, k in pairs]
         diffs = [b - a for a, b in zip(base, ours)]
-        costs = [idx[(s, mode)][k]["sec_per_step"] / idx[(s, "classical")][k]["sec_per_step"] for s, k in pairs]
         n_setups = len({s for s, _ in pairs})
+        costs = [c for c in (_cost(rows, mode, s) for s in {s for s, _ in pairs}) if c is not None]
         unit = "R² %" if "regression" in family else "%"
         out.append(f"| {family} | {n_setups} | {statistics.fmean(base):.2f} {unit} | "
                    f"{statistics.fmean(ours):.2f} {unit} | {_fmt(*interval(diffs))} | "
-                   f"{statistics.median(costs):.2f}x |")
+                   f"{statistics.median(costs):.2f}x |" if costs else " |")
     return "\n".join(out)
 
 

@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, default=None, metavar="DIR",
                    help="folder for the PNG plots the tables link to. Default: benchmarks/plots with "
                    "--markdown, else none (no plot is drawn)")
+    p.add_argument("--blocks", nargs="+", default=None, metavar="NAME",
+                   help="write only these blocks into --markdown (e.g. zoo-summary for the README's "
+                   "table). Default: every block of the given results")
     args = p.parse_args(argv)
     if args.plots is None and args.markdown is not None:
         args.plots = Path("benchmarks/plots")
@@ -418,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     plotted: list[Path] = []
 
     def put(text: str, name: str, body: str) -> str:
+        if args.blocks is not None and name not in args.blocks:
+            return text
         written.append(name if f"<!-- BEGIN {name} -->" in text else f"{name} (appended)")
         return _replace_block(text, name, body)
 
@@ -435,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                     + mnist1d_table(rows))
             text = put(text, stem, body)
             say(f"{stem}: {len(rows)} rows")
+            continue
+        if rows and "setup" in rows[0] and "split" not in rows[0]:  # zoo-cost.jsonl: read beside zoo.jsonl
             continue
         if rows and "setup" in rows[0]:  # the zoo: its own tables and forest plot
             from . import zoo_report

@@ -94,7 +94,8 @@ def train_pair(overrides: dict, steps: int = 12, evals: bool = True, closure: bo
 
 def test_training_is_bit_identical_to_classical_and_eval_too_where_the_gate_says_no():
     ref, _, ref_out = train_pair(None)
-    model, opt, out = train_pair({"dropout_match": True})
+    # average=None: the default recipe's averaged evaluation weights would differ from classical's
+    model, opt, out = train_pair({"dropout_match": True, "average": None})
     assert opt.dropout_match is not None and opt.dropout_match.step == 12 and not opt.dropout_match.keep
     for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
@@ -111,7 +112,8 @@ def always_keep(monkeypatch):
 
 def test_kept_factors_change_only_the_evaluated_weights(always_keep):
     ref, _, ref_out = train_pair(None)
-    model, opt, out = train_pair({"dropout_match": True})
+    # average=None: the factors alone, applied to the training weights (not to an average)
+    model, opt, out = train_pair({"dropout_match": True, "average": None})
     assert opt.dropout_match.keep
     for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)  # train mode: the training weights, as classical's
@@ -148,7 +150,8 @@ def test_frozen_layers_are_never_rescaled(always_keep):
     model[3].requires_grad_(False)  # the second linear layer
     frozen = model[3].weight.clone()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    model, opt = deepopt.activate(model, opt, dropout_match=True)
+    # average=None: the evaluated weights are then the trained ones times the factors
+    model, opt = deepopt.activate(model, opt, dropout_match=True, average=None)
     x, y = data("vec")
     train(model, opt, x, y, steps=2)
     trained = model[6].weight.detach().clone()
@@ -223,7 +226,9 @@ class EvalNeedsEight(nn.Module):
 def test_a_model_that_cannot_be_measured_is_evaluated_plainly_with_a_warning():
     torch.manual_seed(0)
     model = EvalNeedsEight()
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_match=True)
+    # average=None: "evaluated plainly" then means at the training weights
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_match=True,
+                                  average=None)
     x, y = data("vec")
     train(model, opt, x, y, steps=2)
     weights = {k: v.clone() for k, v in model.state_dict().items()}

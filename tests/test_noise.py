@@ -51,7 +51,8 @@ def test_noise_never_moves_the_global_rng_and_eval_is_clean():
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        model, opt = deepopt.activate(model, opt, noise=noise)
+        # average=None: "clean" eval is then the unperturbed training weights themselves
+        model, opt = deepopt.activate(model, opt, noise=noise, average=None)
         for _ in range(3):
             model(torch.randn(4, 3)).sum().backward()
             opt.step(); opt.zero_grad()

@@ -84,7 +84,9 @@ def test_restore_is_by_copy_bitwise():
 def test_eval_sees_unperturbed_weights_and_train_resumes():
     torch.manual_seed(0)
     model = mlp()
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+    # average=None: eval then shows the unperturbed training weights themselves
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.5,
+                                  average=None)
     x, y = data()
     train(model, opt, x, y, steps=3)
     w = [p.detach().clone() for p in model.parameters()]

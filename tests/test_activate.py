@@ -224,3 +224,19 @@ def test_lbfgs_gets_its_closure_and_the_mechanisms_it_cannot_take_are_off(capsys
     s = opt.settings
     assert (s.rho, s.noise, s.sam_rho, s.guard, s.average) == (0.0, 0.0, 0.0, False, "ema")
     assert opt.average.tensors is not None  # averaging, which can act, does
+
+
+def test_thorough_without_a_closure_says_so_once_in_one_line_and_trains_as_plain(capsys):
+    runs = []
+    for recipe in (None, "thorough"):
+        model = seeded()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if recipe:
+            model, opt = deepopt.activate(model, opt, recipe=recipe)
+        x, y = data()
+        train(model, opt, x, y, steps=4)
+        runs.append(params_of(model.train()))
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("deepopt: two-pass SAM (sam_rho=0.05) acts only through")
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # no SAM step ran: the plain SGD trajectory

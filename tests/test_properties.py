@@ -304,7 +304,7 @@ def test_random_combinations_train_or_are_rejected(family):
     @given(case=cases(family))
     def run(case: Case) -> None:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sam_rho without a closure warns, by design
+            warnings.simplefilter("ignore")  # torch warns on some random combinations, by design
             outcome = check(case)
         event(outcome)
         counts[outcome] += 1

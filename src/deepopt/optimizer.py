@@ -296,12 +296,10 @@ class DeepOptimizer(torch.optim.Optimizer):
                 return self._two_pass_step(closure, **kwargs)
         elif self.settings.sam_rho > 0 and not self._warned_no_closure:
             self._warned_no_closure = True
-            warnings.warn(
-                f"sam_rho={self.settings.sam_rho} (two-pass SAM) acts only through "
-                "optimizer.step(closure); this step() got no closure, so SAM is skipped. Pass a "
-                "closure that zeroes grads, computes the loss, calls backward and returns it.",
-                stacklevel=2,
-            )
+            say(f"two-pass SAM (sam_rho={self.settings.sam_rho}) acts only through "
+                "optimizer.step(closure); this step() got no closure, so SAM is skipped (here and "
+                "at every step without one). Pass a closure that zeroes the grads, computes the "
+                "loss, calls backward and returns the loss.")
         loss = None
         try:
             if closure is not None:

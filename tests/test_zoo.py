@@ -79,3 +79,14 @@ def test_report_pairs_by_seed_and_marks_a_setup_lost_only_when_its_interval_is_b
     assert "| MLP | 1 |" in zoo_report.summary_table(rows)
     png = zoo_report.forest_plot(rows, tmp_path / "forest.png", ["deepopt"])
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_candidates_riding_on_a_dropout_net_leave_its_training_as_without_them():
+    # The candidates' scratch net and evaluations must not draw from the RNG that dropout
+    # uses: classical with candidates is the same run as classical alone (exact pairing).
+    setup = dataclasses.replace(zoo.SETUPS["mnist1d-mlpdrop-sgd-none"], epochs=2)
+    data = zoo.load_data("mnist1d")
+    alone = zoo.run_setup(setup, 0, "classical", data)
+    ridden = zoo.run_setup(setup, 0, "classical", data, {"ema-0.999": zoo.OBSERVERS["ema-0.999"]})
+    assert _final(alone, "classical")["train_loss"] == _final(ridden, "classical")["train_loss"]
+    assert _final(alone, "classical")["per_epoch"] == _final(ridden, "classical")["per_epoch"]

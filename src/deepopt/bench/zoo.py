@@ -604,9 +604,10 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
     opt = base
     if kwargs is not None:
         model, opt = deepopt.activate(model, base, **kwargs)
-    observers = observers if mode == "classical" else {}
+    observers = (observers or {}) if mode == "classical" else {}
     obs = {name: make(model, per_epoch) for name, (make, _) in observers.items()}
-    scratch = setup.net() if obs else None
+    with torch.random.fork_rng():  # the scratch net's init must not move the RNG of dropout
+        scratch = setup.net() if obs else None
     obs_seconds = dict.fromkeys(obs, 0.0)
     order_gen = torch.Generator().manual_seed(seed)
     curves: dict[str, dict[str, list]] = {m: {"val": [], "test": []} for m in [mode, *obs]}
@@ -652,7 +653,8 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
                 score = None
                 every = max(1, setup.epochs // setup.eval_points)
                 if last or (epoch + 1) % every == 0:
-                    score = _metric(o.eval_model(model, scratch), x, y, setup.task)
+                    with torch.random.fork_rng():  # evaluating a candidate leaves training as it was
+                        score = _metric(o.eval_model(model, scratch), x, y, setup.task)
                 curves[name][split].append(score)
     if not math.isfinite(train_loss[-1]):
         print(f"  {setup.name} seed {seed} {mode}: training loss {train_loss[-1]}", file=sys.stderr)

@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run your unmodified training script with deepopt activated on every optimizer it builds",
         description="Run 'python SCRIPT ARGS' (or 'python -m MODULE ARGS') with this interpreter, "
         "deepopt activated on every optimizer the script builds, at the first forward of the model "
-        "holding its parameters. One line per activation goes to stderr. The exit status is the "
-        "script's. Example: deepopt run --recipe safe -- python train.py --epochs 3",
+        "holding its parameters (for an optimizer stepped only with step(closure), inside the "
+        "closure). One line per activation goes to stderr, and one for each thing deepopt cannot do "
+        "on the script (e.g. it builds no torch.optim optimizer). The exit status is the script's. "
+        "Example: deepopt run --recipe safe -- python train.py --epochs 3",
     )
     run.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                      help="deepopt recipe: default (about 1x cost), safe (calibration and guard only) "

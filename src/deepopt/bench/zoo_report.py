@@ -204,7 +204,7 @@ def forest_plot(rows: list[dict], out: Path, modes: list[str] | None = None) -> 
     modes = [m for m in (modes or TEST_MODES) if gains(rows, m, "test")]
     order = list(dict.fromkeys(r["setup"] for r in rows))
     setups = [s for s in order if any(s in gains(rows, m, "test") for m in modes)]
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(setups) + 1.6))
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(setups) + 2.2))
     for i, mode in enumerate(modes):
         g = gains(rows, mode, "test")
         for j, setup in enumerate(setups):
@@ -215,11 +215,18 @@ def forest_plot(rows: list[dict], out: Path, modes: list[str] | None = None) -> 
             ax.errorbar(m, y, xerr=0 if h != h else h, fmt="o", color=f"C{i}", ms=4, capsize=2,
                         label=mode if j == 0 else None)
     ax.axvline(0, color="k", lw=0.8)
+    ax.margins(x=0.04)
     ax.set_yticks(range(len(setups)), setups, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("test gain vs classical, points (accuracy % or R² %), mean ± 95% CI over seeds")
-    ax.set_xscale("symlog", linthresh=2.0)
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax.set_xlabel("test gain vs classical, points (accuracy % or R² %), mean ± 95% CI over seeds\n"
+                  "(linear within ±2, logarithmic beyond)")
+    # Gains of a point sit beside peers' losses of tens of points: linear near zero.
+    ax.set_xscale("symlog", linthresh=2.0, linscale=2.0)
+    ticks = [t for t in (-100, -50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10)
+             if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    ax.set_xticks(ticks, [f"{t:+g}" if t else "0" for t in ticks], fontsize=8)
+    ax.grid(axis="x", lw=0.3, alpha=0.5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=len(modes), fontsize=8, frameon=False)
     ax.set_title("deepopt zoo: paired gain per setup (same seed, same data order)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ Example (shell)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -801,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cost:
         return _cost_main(args)
+    if "peer-ema-pytorch" in args.observers and importlib.util.find_spec("ema_pytorch") is None:
+        args.observers.remove("peer-ema-pytorch")
+        print("deepopt bench zoo: peer-ema-pytorch left out: ema-pytorch is not installed "
+              "(pip install \"deepopt[bench]\")", file=sys.stderr)
     plan = list(_planned(args))
     if not plan:
         print(f"deepopt bench zoo: every planned run is in {args.out}")

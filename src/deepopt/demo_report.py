@@ -79,8 +79,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
     if same:
         notes.append(
             "The two runs are identical: with these settings deepopt changed nothing in this "
-            "network's training (no calibration was needed, no step was skipped). Other "
-            "mechanisms are opt-in, e.g. --set rho=0.05 or --set average=ema."
+            "network's training (no calibration was needed, no step was skipped) nor in what "
+            "it evaluates. Other mechanisms are opt-in, e.g. --set rho=0.05 or --recipe thorough."
         )
         return notes
     cause = _cause(result)
@@ -116,8 +116,21 @@ def _cause(result: dict[str, Any]) -> str:
     settings = result["config"].get("settings", {})
     cal = [s["deepopt"] for s in runs if s["deepopt"].get("calibrated")]
     skipped = sum(int(s["deepopt"].get("skipped_steps", 0)) for s in runs)
-    others = _per_step_mechanisms(settings)
+    # Averaging changes only which weights are evaluated: named beside the training causes.
+    averaged = bool(settings.get("average"))
+    others = [m for m in _per_step_mechanisms(settings) if not m.startswith("weight averaging")]
     causes = (["start-up calibration"] if cal else []) + (["the divergence guard"] if skipped else []) + others
+    if not causes and averaged:
+        return (f"What made the difference: weight averaging ({settings['average']}) alone: training "
+                "was the same, the evaluated weights are the average of the training weights.")
+    also = (f" The evaluated weights are also averaged ({settings['average']}); that changes what "
+            "eval() computes, not the training.") if averaged else ""
+    return _training_cause(causes, others, cal, skipped, n, settings) + also
+
+
+def _training_cause(causes: list[str], others: list[str], cal: list[dict], skipped: int, n: int,
+                    settings: dict[str, Any]) -> str:
+    """The sentence on what made training differ."""
     if len(causes) > 1:
         return (
             f"What made the difference: several mechanisms acted ({', '.join(causes)}); this "

@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,6 @@ class Setup:
     task: str = "classification"  # "classification" | "binary" | "regression"
     eval_points: int = 4  # evaluate the averages at this many evenly spaced epochs
     notes: str = ""
-    tags: tuple[str, ...] = field(default=())
 
 
 def _sgd(lr: float, momentum: float = 0.0, nesterov: bool = False, wd: float = 0.0):

@@ -454,18 +454,18 @@ class Lawa(Observer):
 
     def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
         self.count += 1
-        if self.count % self.steps_per_epoch == 0 or self.tensors is None:
-            snap = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
-            if self.tensors is None:
-                self.tensors = snap
-                return
-            self.snapshots = [*self.snapshots, snap][-self.k:]
-            n = len(self.snapshots)
-            self.tensors = [
-                torch.stack([s[i] for s in self.snapshots]).float().mean(0).to(s0.dtype)
-                if s0.is_floating_point() else s0.clone()
-                for i, s0 in enumerate(self.snapshots[-1])
-            ] if n else self.tensors
+        if self.tensors is not None and self.count % self.steps_per_epoch:
+            return
+        snap = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+        if self.tensors is None:  # before the first epoch ends: the first iterate
+            self.tensors = snap
+            return
+        self.snapshots = [*self.snapshots, snap][-self.k:]
+        self.tensors = [
+            torch.stack([s[i] for s in self.snapshots]).float().mean(0).to(last.dtype)
+            if last.is_floating_point() else last.clone()
+            for i, last in enumerate(snap)
+        ]
 
 
 class SwaUtilsEma(Observer):

@@ -76,6 +76,7 @@ def test_report_pairs_by_seed_and_marks_a_setup_lost_only_when_its_interval_is_b
     mixed = zoo_report.setup_table(_rows([(90, 89), (80, 81), (70, 70)]), ["deepopt"])
     assert "+0.00 ± 2.48 (" in mixed and "0 lost ▼" in mixed
     assert "| deepopt | 1 |" in zoo_report.screen_table(rows)
+    assert "| s | -0.83 |" in zoo_report.candidates_table(rows, "test")
     assert "| MLP | 1 |" in zoo_report.summary_table(rows)
     png = zoo_report.forest_plot(rows, tmp_path / "forest.png", ["deepopt"])
     assert png.read_bytes()[:4] == b"\x89PNG"

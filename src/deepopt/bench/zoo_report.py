@@ -3,6 +3,7 @@
 * ``zoo-screen``: every candidate on the **validation** split, the mean over setups of its
   paired gain vs classical, how many setups it wins or loses with a 95% interval clear
   of zero, and its median cost per step; candidates are chosen from this table only.
+* ``zoo-candidates``: per setup, every candidate's mean gain on the validation split.
 * ``zoo``: per setup on the **test** split: classical, then the paired gain (mean over
   seeds, 95% Student-t interval) of deepopt's default and of the peers, with the cost.
 * ``zoo-summary``: the same by setup family, the table the README shows.
@@ -29,7 +30,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
+__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
@@ -137,6 +138,18 @@ def screen_table(rows: list[dict]) -> str:
     for _, mode, n, (m, h), won, lost, worst, wg, cost in sorted(lines, reverse=True):
         out.append(f"| {mode} | {n} | {_fmt(m, h)} | {won} / {lost} | {worst} ({wg:+.2f}) | "
                    f"{'' if cost is None else f'{cost:.2f}x'} |")
+    return "\n".join(out)
+
+
+def candidates_table(rows: list[dict], split: str = "val") -> str:
+    """Per setup, every candidate's mean paired gain on ``split`` (compact: no intervals)."""
+    modes = sorted({r["mode"] for r in rows if r["split"] == split} - {"classical"})
+    per = {m: gains(rows, m, split) for m in modes}
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    out = ["| setup | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for setup in setups:
+        cells = [f"{statistics.fmean(per[m][setup]):+.2f}" if setup in per[m] else "" for m in modes]
+        out.append(f"| {setup} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -48,13 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepopt.mechanisms.average import (
-    average_,
-    ema_decay,
-    lr_window,
-    power_gamma,
-    power_weight,
-)
+from deepopt.mechanisms.average import WeightAverage, average_, power_gamma
 
 __all__ = ["SETUPS", "OBSERVERS", "Setup", "load_data", "run_setup", "main"]
 
@@ -414,35 +408,39 @@ class Observer:
         return scratch
 
 
-class Ema(Observer):
-    def __init__(self, model: nn.Module, steps_per_epoch: int, decay: float, follows_lr: bool = False) -> None:
+class Shipped(Observer):
+    """deepopt's own :class:`~deepopt.mechanisms.average.WeightAverage`, folded every step.
+
+    The same code ``deepopt.activate(average=...)`` runs, so a candidate screened here is
+    the mechanism that ships (``tests/test_zoo.py`` checks the two bit for bit).
+    """
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int, **average: Any) -> None:
         super().__init__(model, steps_per_epoch)
-        self.decay, self.follows_lr = decay, follows_lr
+        self.average = WeightAverage(**average)
+
+    def update(self, model: nn.Module, lr: float, xb: Tensor | None = None) -> None:
+        self.max_lr = max(self.max_lr, lr)
+        self.average.update([t.detach() for t in (*model.parameters(), *model.buffers())], lr=lr,
+                            max_lr=self.max_lr)
+        self.tensors = self.average.tensors
+
+
+class LrWeightedPower(Observer):
+    """Power-function EMA over LR-weighted time: each iterate weighs by its LR (schedule-free's rule)."""
+
+    def __init__(self, model: nn.Module, steps_per_epoch: int, sigma_rel: float) -> None:
+        super().__init__(model, steps_per_epoch)
+        self.gamma = power_gamma(sigma_rel)
+        self.tau = 0.0  # LR-weighted step count
 
     def weight(self, lr: float) -> float:
-        w = 1.0 - ema_decay(self.count - 2, self.decay)
-        return lr_window(w, lr, self.max_lr) if self.follows_lr else w
-
-
-class Power(Observer):
-    """Power-function EMA (EDM2); ``lr``: "window" (shrinks with the LR) or "weights" (x LR)."""
-
-    def __init__(self, model: nn.Module, steps_per_epoch: int, sigma_rel: float, lr: str | None = None) -> None:
-        super().__init__(model, steps_per_epoch)
-        self.gamma, self.lr_mode = power_gamma(sigma_rel), lr
-        self.tau = 0.0  # LR-weighted step count ("weights")
-
-    def weight(self, lr: float) -> float:
-        if self.lr_mode == "weights":  # each iterate weighted by its LR (schedule-free's rule)
-            if self.max_lr <= 0:
-                return 0.0
-            dt = lr / self.max_lr
-            tau0, self.tau = self.tau, self.tau + dt
-            if self.tau <= 0:
-                return 0.0
-            return 1.0 - (tau0 / self.tau) ** (self.gamma + 1.0)
-        w = power_weight(self.count, self.gamma)
-        return lr_window(w, lr, self.max_lr) if self.lr_mode == "window" else w
+        if self.max_lr <= 0:
+            return 0.0
+        tau0, self.tau = self.tau, self.tau + lr / self.max_lr
+        if self.tau <= 0:
+            return 0.0
+        return 1.0 - (tau0 / self.tau) ** (self.gamma + 1.0)
 
 
 class Lawa(Observer):
@@ -539,20 +537,22 @@ class PreciseBN(Observer):
 OBSERVERS: dict[str, tuple[Callable[[nn.Module, int], Observer], dict]] = {
     "peer-ema-swa-utils": (SwaUtilsEma, {"peer": "torch.optim.swa_utils", "decay": 0.999, "use_buffers": True}),
     "peer-ema-pytorch": (EmaPytorch, {"peer": "ema_pytorch.EMA", "defaults": True}),
-    "ema-0.999": (lambda m, s: Ema(m, s, 0.999), {"average": "ema", "ema_decay": 0.999}),
-    "ema-0.999-lrwin": (lambda m, s: Ema(m, s, 0.999, True), {"average": "ema", "ema_decay": 0.999,
+    "ema-0.999": (lambda m, s: Shipped(m, s, kind="ema", decay=0.999), {"average": "ema", "ema_decay": 0.999}),
+    "ema-0.999-lrwin": (lambda m, s: Shipped(m, s, kind="ema", decay=0.999, follows_lr=True),
+                        {"average": "ema", "ema_decay": 0.999,
                                                                "window_follows_lr": True}),
-    "power-0.05": (lambda m, s: Power(m, s, 0.05), {"average": "power", "sigma_rel": 0.05}),
-    "power-0.10": (lambda m, s: Power(m, s, 0.10), {"average": "power", "sigma_rel": 0.10}),
-    "power-0.20": (lambda m, s: Power(m, s, 0.20), {"average": "power", "sigma_rel": 0.20}),
-    "power-0.05-lrwin": (lambda m, s: Power(m, s, 0.05, "window"),
+    "power-0.05": (lambda m, s: Shipped(m, s, kind="power", width=0.05), {"average": "power", "sigma_rel": 0.05}),
+    "power-0.10": (lambda m, s: Shipped(m, s, kind="power", width=0.10), {"average": "power", "sigma_rel": 0.10}),
+    "power-0.20": (lambda m, s: Shipped(m, s, kind="power", width=0.20), {"average": "power", "sigma_rel": 0.20}),
+    "power-0.05-lrwin": (lambda m, s: Shipped(m, s, kind="power", width=0.05, follows_lr=True),
                          {"average": "power", "sigma_rel": 0.05, "window_follows_lr": True}),
-    "power-0.10-lrwin": (lambda m, s: Power(m, s, 0.10, "window"),
+    "power-0.10-lrwin": (lambda m, s: Shipped(m, s, kind="power", width=0.10, follows_lr=True),
                          {"average": "power", "sigma_rel": 0.10, "window_follows_lr": True}),
-    "power-0.10-lrweights": (lambda m, s: Power(m, s, 0.10, "weights"),
+    "power-0.10-lrweights": (lambda m, s: LrWeightedPower(m, s, 0.10),
                              {"average": "power", "sigma_rel": 0.10, "weights": "lr"}),
     "lawa-5": (lambda m, s: Lawa(m, s, 5), {"average": "lawa", "k": 5, "every": "epoch"}),
-    "power-0.05-lrwin-precisebn": (lambda m, s: PreciseBN(Power(m, s, 0.05, "window")),
+    "power-0.05-lrwin-precisebn": (lambda m, s: PreciseBN(Shipped(m, s, kind="power", width=0.05,
+                                                                  follows_lr=True)),
                                    {"average": "power", "sigma_rel": 0.05, "window_follows_lr": True,
                                     "bn": "recomputed on the last 16 training batches"}),
 }

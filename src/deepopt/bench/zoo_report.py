@@ -30,18 +30,12 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .report import _t95
+
 __all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
-
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 18: 2.101, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def _t95(df: int) -> float:
-    return _T95.get(df) or _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
-
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% Student-t interval (0 half-width for one value)."""

@@ -169,7 +169,7 @@ def _training_cause(causes: list[str], others: list[str], cal: list[dict], skipp
             )
     return (
         f"What made the difference: start-up calibration, alone{where}; the divergence guard "
-        f"skipped no step and no other mechanism is on.{measured} deepopt rescaled each "
+        f"skipped no step and no other mechanism changes training.{measured} deepopt rescaled each "
         "layer's weights once, on the first batch, to unit output std (LSUV); after that both "
         "runs use the very same SGD loop."
     )

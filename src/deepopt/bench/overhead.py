@@ -16,12 +16,36 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["step_costs", "main"]
+__all__ = ["alternating_ms", "step_costs", "main"]
+
+
+def alternating_ms(steps_a: Callable[[int], object], steps_b: Callable[[int], object], steps: int = 300,
+                   block: int = 25) -> tuple[float, float]:
+    """Median CPU milliseconds per step of two step functions timed in alternating blocks.
+
+    Each function is called with the step's index within its block. Both see the same
+    load of the moment, so the ratio of the medians is honest on a shared machine; the
+    first block of each is a warm-up.
+
+    Example:
+        >>> a, b = alternating_ms(lambda i: None, lambda i: sum(range(1000)), steps=50, block=10)
+        >>> a < b
+        True
+    """
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(max(2, steps // block)):
+        for fn, out in zip((steps_a, steps_b), times):
+            t0 = time.process_time()
+            for i in range(block):
+                fn(i)
+            out.append((time.process_time() - t0) * 1000 / block)
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
 def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed: int = 0) -> dict:
@@ -39,21 +63,20 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     # Exact SAM runs only through step(closure); both arms take that form so that the
     # ratio prices the second pass (for plain SGD it is the same computation).
     closure = resolve(settings.get("recipe", "default"), overrides).sam_rho > 0
-    runs = {}
-    for name in ("classical", "activated"):
+    runs = []
+    for activated in (False, True):
         torch.manual_seed(seed)
         model = build_net(net)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        if name == "activated":
+        if activated:
             model, opt = deepopt.activate(model, opt, **settings)
-        runs[name] = (model, opt, [])
+        runs.append((model, opt))
 
-    def one_block(model, opt) -> float:
-        t0 = time.process_time()
-        for i in range(block):
+    def stepper(model, opt):
+        def one_step(i: int) -> None:
             xb, yb = x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64]
 
-            def loss_and_grad(xb=xb, yb=yb):
+            def loss_and_grad():
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
@@ -64,13 +87,9 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
             else:
                 loss_and_grad()
                 opt.step()
-        return (time.process_time() - t0) * 1000 / block
+        return one_step
 
-    for _ in range(max(1, steps // block)):
-        for model, opt, times in runs.values():
-            times.append(one_block(model, opt))
-    classical = statistics.median(runs["classical"][2][1:])  # first block: warm-up
-    activated = statistics.median(runs["activated"][2][1:])
+    classical, activated = alternating_ms(*(stepper(*r) for r in runs), steps=steps, block=block)
     return {"net": net, "settings": settings, "ms_per_step_classical": classical,
             "ms_per_step_activated": activated, "ratio": activated / classical,
             "steps": steps, "closure": closure, "torch": torch.__version__, "threads": torch.get_num_threads()}

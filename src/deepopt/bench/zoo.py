@@ -36,7 +36,6 @@ import argparse
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -685,6 +684,8 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
     """
     import deepopt
 
+    from .overhead import alternating_ms
+
     kwargs, closure = _activate_kwargs(mode)
     runs = []
     for activated in (False, True):
@@ -695,26 +696,27 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
             model, opt = deepopt.activate(model, base, **kwargs)
         runs.append((model, opt))
     gen = torch.Generator().manual_seed(0)
-    times: list[list[float]] = [[], []]
-    for _ in range(steps // block):
-        for i, (model, opt) in enumerate(runs):
-            t0 = time.process_time()
-            for _ in range(block):
-                idx = torch.randint(len(data["y"]), (setup.batch_size,), generator=gen)
-                xb, yb = data["x"][idx], data["y"][idx]
-                if closure and i == 1:
-                    def closure_fn(model=model, opt=opt, xb=xb, yb=yb):
-                        opt.zero_grad(set_to_none=True)
-                        loss = setup.loss(model(xb), yb, model)
-                        loss.backward()
-                        return loss
-                    opt.step(closure_fn)
-                else:
-                    setup.loss(model(xb), yb, model).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            times[i].append((time.process_time() - t0) / block)
-    base_ms, mode_ms = (statistics.median(t[1:]) * 1e3 for t in times)
+
+    def stepper(model: nn.Module, opt: torch.optim.Optimizer, two_pass: bool) -> Callable[[int], None]:
+        def one_step(i: int) -> None:
+            idx = torch.randint(len(data["y"]), (setup.batch_size,), generator=gen)
+            xb, yb = data["x"][idx], data["y"][idx]
+
+            def loss_and_grad():
+                opt.zero_grad(set_to_none=True)
+                loss = setup.loss(model(xb), yb, model)
+                loss.backward()
+                return loss
+
+            if two_pass:
+                opt.step(loss_and_grad)
+            else:
+                loss_and_grad()
+                opt.step()
+        return one_step
+
+    base_ms, mode_ms = alternating_ms(stepper(*runs[0], False), stepper(*runs[1], closure),
+                                      steps=steps, block=block)
     return {"setup": setup.name, "mode": mode, "ms_per_step_classical": base_ms, "ms_per_step": mode_ms,
             "ratio": mode_ms / base_ms, "steps": steps, "threads": torch.get_num_threads(),
             "resolved": None if kwargs is None else _resolved(kwargs), "torch": torch.__version__}

@@ -149,9 +149,11 @@ def candidates_table(rows: list[dict], split: str = "val") -> str:
 
 def setup_table(rows: list[dict], modes: list[str] | None = None) -> str:
     """Per setup on the test split: classical, then each mode's paired gain and cost."""
-    modes = [m for m in (modes or TEST_MODES) if gains(rows, m, "test")]
+    per_mode = {m: gains(rows, m, "test") for m in (modes or TEST_MODES)}
+    modes = [m for m in per_mode if per_mode[m]]
     idx = _index(rows, "test")
-    setups = sorted({s for s, m in idx if m == "classical"}, key=lambda s: [r["setup"] for r in rows].index(s))
+    order = list(dict.fromkeys(r["setup"] for r in rows))
+    setups = [s for s in order if (s, "classical") in idx]
     head = "| setup | schedule | classical | " + " | ".join(f"{m} (gain, cost)" for m in modes) + " |"
     out = [head, "|" + "---|" * (3 + len(modes))]
     for setup in setups:
@@ -160,13 +162,13 @@ def setup_table(rows: list[dict], modes: list[str] | None = None) -> str:
         sched = next(iter(idx[(setup, "classical")].values()))["schedule"]
         cells = []
         for mode in modes:
-            g = gains(rows, mode, "test").get(setup)
+            g = per_mode[mode].get(setup)
             cost = _cost(rows, mode, setup)
             cells.append("" if not g else f"{_fmt(*interval(g))}{_mark(*interval(g))} "
                          f"({'' if cost is None else f'{cost:.2f}x'}, {len(g)} seeds)")
         out.append(f"| {setup} | {sched} | {m0:.2f} ± {h0:.2f} | " + " | ".join(cells) + " |")
     for mode_i, mode in enumerate(modes):
-        per_setup = gains(rows, mode, "test")
+        per_setup = per_mode[mode]
         means = [statistics.fmean(v) for v in per_setup.values()]
         m, h = interval(means)
         lost = sum(interval(v)[0] + interval(v)[1] < 0 for v in per_setup.values())

@@ -74,8 +74,9 @@ def power_gamma(sigma_rel: float) -> float:
 def power_weight(count: int, gamma: float) -> float:
     """Weight of iterate number ``count`` (1-based) in a power-function EMA.
 
-    ``1 - (1 - 1/count) ** (gamma + 1)``: the first iterate is copied, and the average
-    stays the ``tau ** gamma``-weighted mean of all iterates so far.
+    ``1 - (1 - 1/count) ** (gamma + 1)``: the first iterate is copied, and iterate ``i``
+    of ``t`` ends up weighing ``(i**(gamma+1) - (i-1)**(gamma+1)) / t**(gamma+1)``, about
+    ``tau ** gamma`` (EDM2, eq. 3).
 
     Example:
         >>> power_weight(1, 6.94), round(power_weight(100, 6.94), 4)

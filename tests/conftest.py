@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 # tests/clients holds training scripts, run by tests/test_clients.py in their own processes:
 # importing them (--doctest-modules imports every module) would train at import. A conftest
 # of their own would shadow this one (both import as "conftest").
-collect_ignore = ["clients"]
+collect_ignore = ["clients", "data"]
 
 
 def mlp(dropout: float = 0.0) -> nn.Module:

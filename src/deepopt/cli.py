@@ -8,6 +8,10 @@
   handed the rest of the command line unchanged (:mod:`deepopt.bench.runner`,
   :mod:`deepopt.bench.report`).
 
+``demo``, ``bench`` and ``report`` need the ``demo`` extra (``pip install "deepopt[demo]"``;
+``bench`` has its own, ``deepopt[bench]``, which holds it); without it they stop with one
+line naming what is missing. The core, ``run`` and ``--help`` need only torch and numpy.
+
 Example::
 
     $ deepopt demo --epochs 20
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +37,34 @@ PASSTHROUGH = {
     "report": ("deepopt.bench.report", "tables and plots from benchmark results, printed or written "
                "into a Markdown file (options: deepopt report --help)"),
 }
+
+#: The packages behind an extra, by the module each is imported as: module -> (package, extra).
+EXTRA_PACKAGES = {
+    "tqdm": ("tqdm", "demo"), "matplotlib": ("matplotlib", "demo"), "mnist1d": ("mnist1d", "demo"),
+    "PIL": ("pillow", "demo"), "sklearn": ("scikit-learn", "bench"), "ema_pytorch": ("ema-pytorch", "bench"),
+}
+#: The extra each command needs; its demo packages are checked before the command starts.
+COMMAND_EXTRA = {"demo": "demo", "bench": "bench", "report": "demo"}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None  # None also if sys.modules[module] is None
+    except ValueError:  # imported already, without a spec
+        return True
+
+
+def _needs_extra(command: str, packages: list[str], extra: str = "demo") -> str:
+    extra = "bench" if "bench" in (extra, COMMAND_EXTRA[command]) else "demo"
+    return (f"deepopt {command} needs the {extra} extra: pip install 'deepopt[{extra}]' "
+            f"(missing: {', '.join(packages)})")
+
+
+def _missing_extra(command: str) -> str | None:
+    """The line saying what ``command`` lacks of the demo extra, or None if it is all there."""
+    missing = [package for module, (package, extra) in EXTRA_PACKAGES.items()
+               if extra == "demo" and not _installed(module)]
+    return _needs_extra(command, missing) if missing else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +133,18 @@ def _dispatch(name: str, argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _extra_guard(command: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or one line and status 2 if it needs a package of an extra that is missing."""
+    try:
+        return fn(*args)
+    except ModuleNotFoundError as e:
+        package = EXTRA_PACKAGES.get((e.name or "").split(".")[0])
+        if package is None:
+            raise
+        print(_needs_extra(command, [package[0]], package[1]), file=sys.stderr)
+        return 2
+
+
 BOOTSTRAP = (
     "import os, runpy, sys\n"
     "import deepopt.launcher as L\n"
@@ -157,14 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; default ``sys.argv[1:]``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMAND_EXTRA and not {"-h", "--help"} & set(argv[1:]):
+        message = _missing_extra(argv[0])
+        if message:
+            print(message, file=sys.stderr)
+            return 2
     if argv and argv[0] in PASSTHROUGH:  # even --help belongs to the target module
-        return _dispatch(argv[0], argv[1:])
+        return _extra_guard(argv[0], _dispatch, argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from deepopt.demo import run_from_args
 
-        return run_from_args(args)
+        return _extra_guard("demo", run_from_args, args)
     if args.command == "run":
         return _run(args)
     parser.print_help()

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from deepopt.bench import nets, overhead
+from deepopt.bench import nets, overhead, report
 
 
 def _counting_net(calls: list[str]):
@@ -34,3 +34,17 @@ def test_one_pass_recipe_is_timed_without_closure(monkeypatch):
     assert row["closure"] is False
     assert calls.count("classical") == calls.count("activated") == 4
     assert row["ratio"] > 0 and torch.isfinite(torch.tensor(row["ratio"]))
+
+
+def test_tiny_mlp_is_a_net_choice(monkeypatch, tmp_path):
+    row = overhead.step_costs("mlp", {"recipe": "safe"}, steps=4, block=2)
+    assert row["net"] == "mlp" and row["closure"] is False and row["ratio"] > 0
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main's, not for the test session
+    monkeypatch.setattr(overhead, "step_costs", lambda net, settings, steps: seen.append(net) or {
+        "ms_per_step_classical": 1.0, "ms_per_step_activated": 1.0, "ratio": 1.0})
+    assert overhead.main(["--nets", "mlp", "6", "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert seen == ["mlp", 6]
+    rows = [{"net": net, "settings": {}, "ms_per_step_classical": 1.0, "ms_per_step_activated": 1.1,
+             "ratio": 1.1} for net in ("mlp", 6, 1)]
+    assert [line.split(" |")[0] for line in report.overhead_table(rows).splitlines()[2:]] == ["| 1", "| 6", "| mlp"]

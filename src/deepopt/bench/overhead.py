@@ -3,11 +3,13 @@
 Classical and activated steps run in alternating blocks inside one single-threaded
 process and are timed with the process's CPU clock, so load from other jobs on the
 machine slows both alike and the ratio stays honest. Rows go to
-``benchmarks/results/overhead.jsonl``.
+``benchmarks/results/overhead.jsonl``. Besides the seed6 nets (1-6, CIFAR-sized inputs),
+``mlp`` is a tiny MLP (64 -> 128 -> 10) whose step is so cheap that deepopt's fixed
+per-step cost shows.
 
 Example (shell)::
 
-    deepopt bench overhead --nets 6 5 1 --settings '{}' '{"rho": 0.1}'
+    deepopt bench overhead --nets mlp 6 5 1 --settings '{}' '{"rho": 0.1}'
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = ["alternating_ms", "step_costs", "main"]
+
+
+def _net(text: str) -> int | str:
+    """A ``--nets`` value: ``mlp`` or a seed6 net number."""
+    if text == "mlp":
+        return text
+    if text.isdigit() and 1 <= int(text) <= 6:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a net: mlp or 1-6")
 
 
 def alternating_ms(steps_a: Callable[[int], object], steps_b: Callable[[int], object], steps: int = 300,
@@ -48,8 +60,12 @@ def alternating_ms(steps_a: Callable[[int], object], steps_b: Callable[[int], ob
     return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
-def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed: int = 0) -> dict:
-    """Median CPU milliseconds per training step, classical vs activated with ``settings``."""
+def step_costs(net: int | str, settings: dict, steps: int = 300, block: int = 25, seed: int = 0) -> dict:
+    """Median CPU milliseconds per training step, classical vs activated with ``settings``.
+
+    ``net`` is a seed6 net number (inputs 3x32x32) or ``"mlp"`` (64 -> 128 -> 10, inputs of 64);
+    batches of 64 synthetic examples, SGD with momentum.
+    """
     import deepopt
     from deepopt.bench.nets import build_net
     from deepopt.recipes import resolve
@@ -57,7 +73,7 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     from .train import LR, MOMENTUM, WEIGHT_DECAY
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(64 * block, 3, 32, 32, generator=g)
+    x = torch.randn(64 * block, *((64,) if net == "mlp" else (3, 32, 32)), generator=g)
     y = torch.randint(0, 10, (64 * block,), generator=g)
     overrides = {k: v for k, v in settings.items() if k != "recipe"}
     # Exact SAM runs only through step(closure); both arms take that form so that the
@@ -66,7 +82,10 @@ def step_costs(net: int, settings: dict, steps: int = 300, block: int = 25, seed
     runs = []
     for activated in (False, True):
         torch.manual_seed(seed)
-        model = build_net(net)
+        if net == "mlp":
+            model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        else:
+            model = build_net(net)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         if activated:
             model, opt = deepopt.activate(model, opt, **settings)
@@ -99,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="deepopt bench overhead",
         description="Per-step CPU cost of deepopt's settings against classical training on the "
-        "seed6 nets: classical and activated steps alternate in blocks in one single-threaded "
+        "seed6 nets and a tiny MLP: classical and activated steps alternate in blocks in one single-threaded "
         "process, timed with its CPU clock, so other jobs slow both alike. One JSON row per net "
         "and settings is appended to --out.",
-        epilog="example: deepopt bench overhead --nets 6 5 1 --settings '{}' '{\"rho\": 0.1}'",
+        epilog="example: deepopt bench overhead --nets mlp 6 5 1 --settings '{}' '{\"rho\": 0.1}'",
     )
-    p.add_argument("--nets", type=int, nargs="+", default=[6, 5, 1], metavar="NET",
-                   help="seed6 net numbers (1-6). Default: %(default)s")
+    p.add_argument("--nets", type=_net, nargs="+", default=[6, 5, 1], metavar="NET",
+                   help="seed6 net numbers (1-6), or mlp: a 64-128-10 MLP where deepopt's fixed "
+                   "per-step cost shows. Default: %(default)s")
     p.add_argument("--settings", nargs="+", default=["{}"], metavar="JSON",
                    help="JSON dicts of deepopt.activate keyword arguments, e.g. '{\"recipe\": \"thorough\"}' "
                    "'{\"rho\": 0.1}'; '{}' is the default recipe. Default: '{}'")

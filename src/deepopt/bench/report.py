@@ -355,11 +355,11 @@ def _replace_block(text: str, name: str, body: str) -> str:
 
 def overhead_table(rows: list[dict]) -> str:
     """Per-step CPU cost rows (``deepopt bench overhead``): the latest row per net/settings."""
-    latest: dict[tuple[int, str], dict] = {}
+    latest: dict[tuple[int | str, str], dict] = {}
     for r in rows:
         latest[(r["net"], json.dumps(r["settings"], sort_keys=True))] = r
     lines = ["| net | settings | ms/step classical | ms/step activated | cost |", "|---|---|---|---|---|"]
-    for (net, settings), r in sorted(latest.items()):
+    for (net, settings), r in sorted(latest.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         lines.append(f"| {net} | `{settings}` | {r['ms_per_step_classical']:.2f} | "
                      f"{r['ms_per_step_activated']:.2f} | {r['ratio']:.2f}x |")
     return "\n".join(lines)

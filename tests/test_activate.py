@@ -8,6 +8,7 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp, params_of, train
+from deepopt.experimental import WeightNoise
 
 
 def seeded(factory=mlp, seed=0):
@@ -214,16 +215,15 @@ def test_lbfgs_gets_its_closure_and_the_mechanisms_it_cannot_take_are_off(capsys
     model, opt, losses = lbfgs_run({})
     said = capsys.readouterr().err.splitlines()
     assert len(said) == 1 and said[0].startswith("deepopt: the divergence guard is off for LBFGS")
-    assert opt.settings.guard is False and opt.calibrated is not None  # calibration measured
+    assert opt.mechanism("guard") is None and opt.mechanism("calibrate").calibrated is not None  # calibration measured
     assert opt.steps == 3 and [a.item() for a in losses] == [b.item() for b in plain_losses]
     for a, b in zip(params_of(model), params_of(plain)):
         assert torch.equal(a, b)  # the default recipe leaves a healthy net's training unchanged
-    _, opt, _ = lbfgs_run({"rho": 0.1, "noise": 0.1, "sam_rho": 0.05, "average": "ema"}, steps=2)
+    _, opt, _ = lbfgs_run({"rho": 0.1, "mechanisms": [WeightNoise(0.1)], "sam_rho": 0.05, "average": "ema"}, steps=2)
     said = capsys.readouterr().err.splitlines()
     assert len(said) == 1 and all(f"{k}=" in said[0] for k in ("rho", "noise", "sam_rho")), said
-    s = opt.settings
-    assert (s.rho, s.noise, s.sam_rho, s.guard, s.average) == (0.0, 0.0, 0.0, False, "ema")
-    assert opt.average.tensors is not None  # averaging, which can act, does
+    assert [m.name for m in opt.mechanisms] == ["calibrate", "average"]
+    assert opt.mechanism("average").tensors is not None  # averaging, which can act, does
 
 
 def test_thorough_without_a_closure_says_so_once_in_one_line_and_trains_as_plain(capsys):

@@ -54,7 +54,7 @@ def test_eval_uses_averaged_weights_and_bn_stats_then_train_resumes():
     x, y = data("img")
     train(model, opt, x, y, steps=5)
     train_state = {k: v.clone() for k, v in model.state_dict().items()}
-    avg = opt.average.tensors
+    avg = opt.mechanism("average").tensors
     model.eval()
     with torch.no_grad():
         model(x)
@@ -75,7 +75,7 @@ def test_state_dict_in_eval_mode_holds_eval_weights_without_a_forward():
     for _ in range(3):
         model(torch.randn(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     model.eval()
-    assert torch.equal(model.state_dict()["weight"], opt.average.tensors[0])
+    assert torch.equal(model.state_dict()["weight"], opt.mechanism("average").tensors[0])
 
 
 def test_zero_grad_after_train_brings_back_training_weights():
@@ -97,7 +97,7 @@ def test_average_restart_continues_from_the_phase_average_after_an_lr_drop():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, recipe="safe", average="phase", average_restart=True)
+    model, opt = deepopt.activate(model, opt, recipe="safe", mechanisms=[WeightAverage("phase", restart=True)])
     x = torch.randn(16, 3)
     seen = []
     for _ in range(4):
@@ -116,10 +116,12 @@ def test_average_restart_continues_from_the_phase_average_after_an_lr_drop():
         torch.testing.assert_close(p.detach(), e)
 
 
-def test_average_restart_needs_averaging():
+def test_average_restart_moved_to_experimental_and_bad_kinds_are_refused():
     model = torch.nn.Linear(1, 1)
-    with pytest.raises(ValueError, match="average_restart"):
+    with pytest.raises(ValueError, match=r"average_restart moved to deepopt.experimental.*restart=True"):
         deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe", average_restart=True)
+    with pytest.raises(ValueError, match="kind='swa' is invalid"):
+        WeightAverage("swa", restart=True)
 
 
 def test_average_every_k_folds_every_kth_iterate_with_the_same_horizon():
@@ -144,7 +146,8 @@ def test_average_restart_also_acts_on_a_two_pass_sam_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, recipe="safe", average="phase", average_restart=True, sam_rho=0.05)
+    model, opt = deepopt.activate(model, opt, recipe="safe", sam_rho=0.05,
+                                  mechanisms=[WeightAverage("phase", restart=True)])
     x = torch.randn(16, 3)
     seen, first = [], []
 

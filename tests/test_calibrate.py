@@ -49,7 +49,7 @@ def test_healthy_net_is_left_alone_bit_identically():
         train(model, opt, x, y, steps=6)
         runs.append(params_of(model))
         if enabled:
-            assert opt.calibrated is False
+            assert opt.mechanism("calibrate").calibrated is False
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -80,7 +80,7 @@ def test_two_pass_sam_calibrates_on_the_first_forward_of_its_closure():
         model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.0),
                                       recipe=recipe)
         train(model, opt, x, y, steps=1, batch=32, closure=closure)
-        assert opt.calibrated is True, recipe
+        assert opt.mechanism("calibrate").calibrated is True, recipe
         weights[recipe] = params_of(model)
     for a, b in zip(weights["default"], weights["thorough"]):
         assert torch.equal(a, b)  # lr 0: the weights are the calibrated ones

@@ -10,6 +10,7 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp, train
+from deepopt.experimental import legacy_kwargs
 
 RECIPE_CASES = [
     {"recipe": "default"},
@@ -30,7 +31,7 @@ def build(kwargs, factory, opt_cls):
     kwargs.pop("closure", None)
     opt = opt_cls(model.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.5)
-    model, opt = deepopt.activate(model, opt, **kwargs)
+    model, opt = deepopt.activate(model, opt, **legacy_kwargs(kwargs))
     return model, opt, sched
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import deepopt
-import deepopt.optimizer
+import deepopt.mechanisms.dropout_match
 from conftest import data, mlp, train
 from deepopt.mechanisms.dropout_match import (
     DropoutMatch,
@@ -96,7 +96,7 @@ def test_training_is_bit_identical_to_classical_and_eval_too_where_the_gate_says
     ref, _, ref_out = train_pair(None)
     # average=None: the default recipe's averaged evaluation weights would differ from classical's
     model, opt, out = train_pair({"dropout_match": True, "average": None})
-    assert opt.dropout_match is not None and opt.dropout_match.step == 12 and not opt.dropout_match.keep
+    assert opt.mechanism("dropout_match") is not None and opt.mechanism("dropout_match").step == 12 and not opt.mechanism("dropout_match").keep
     for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(ref_out, out))
@@ -107,14 +107,14 @@ def always_keep(monkeypatch):
     """The gate says yes with factor 2 everywhere but the first layer (a broken eval, forced)."""
     def fake(model, args, kwargs, *, layers, **_):
         return [1.0] + [2.0] * (len(layers) - 1), True
-    monkeypatch.setattr(deepopt.optimizer, "matched_scales", fake)
+    monkeypatch.setattr(deepopt.mechanisms.dropout_match, "matched_scales", fake)
 
 
 def test_kept_factors_change_only_the_evaluated_weights(always_keep):
     ref, _, ref_out = train_pair(None)
     # average=None: the factors alone, applied to the training weights (not to an average)
     model, opt, out = train_pair({"dropout_match": True, "average": None})
-    assert opt.dropout_match.keep
+    assert opt.mechanism("dropout_match").keep
     for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)  # train mode: the training weights, as classical's
     model.eval()
@@ -137,7 +137,7 @@ def test_kept_factors_change_only_the_evaluated_weights(always_keep):
 def test_two_pass_sam_steps_are_measured_and_matched_too(always_keep):
     # SAM's closures run with the model hooks held; the training batch must still be kept.
     model, opt, out = train_pair({"recipe": "thorough"}, closure=True)
-    assert opt.dropout_match.step == 12 and opt.dropout_match.keep
+    assert opt.mechanism("dropout_match").step == 12 and opt.mechanism("dropout_match").keep
     model.eval()
     shown = model.state_dict()["3.weight"].clone()  # state_dict() holds the live tensors
     model.train()
@@ -176,7 +176,7 @@ def test_checkpoint_taken_in_eval_mode_resumes_the_same_trajectory(always_keep):
                                                             weight_decay=5e-4), dropout_match=True)
     opt2.load_state_dict(ckpt["opt"])
     model2.load_state_dict(ckpt["model"])
-    assert opt2.dropout_match.state_dict() == opt.dropout_match.state_dict()
+    assert opt2.mechanism("dropout_match").state_dict() == opt.mechanism("dropout_match").state_dict()
     for m, o in ((model, opt), (model2, opt2)):
         torch.set_rng_state(ckpt["rng"])
         m.train()
@@ -190,7 +190,7 @@ def test_nets_without_dropout_get_no_state_and_no_extra_pass():
     torch.manual_seed(0)
     model = mlp(0.0)
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_match=True)
-    assert opt.dropout_match is None
+    assert opt.mechanism("dropout_match") is None
 
 
 def test_dropout_match_must_be_a_bool():
@@ -207,7 +207,7 @@ def test_a_short_last_batch_does_not_replace_the_measured_batch():
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
         opt.zero_grad()
-    assert torch.equal(opt._last_batch[0][0], x[16:32])
+    assert torch.equal(opt.mechanism("dropout_match")._last_batch[0][0], x[16:32])
 
 
 class EvalNeedsEight(nn.Module):
@@ -236,6 +236,6 @@ def test_a_model_that_cannot_be_measured_is_evaluated_plainly_with_a_warning():
     with pytest.warns(UserWarning, match="dropout-matched evaluation is off.*dropout_match=False"):
         with torch.no_grad():
             out = model(x[:8])
-    assert out.shape == (8, 3) and opt.dropout_match is None
+    assert out.shape == (8, 3) and opt.mechanism("dropout_match").off and not opt.has_eval_view
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(not m.training for m in model.modules())  # its dropout is off again

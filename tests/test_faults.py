@@ -4,7 +4,7 @@
   second SAM pass): weights, BatchNorm buffers, optimizer state, averages, Lookahead
   weights and the LR scheduler end finite and *equal* to a run that skips those batches
   (the scheduler still counts them as iterations, as with GradScaler's skipped steps);
-  ``optimizer.guard.skipped`` counts them; ``max_skips`` in a row raise ``DivergenceError``.
+  ``optimizer.mechanism("guard").skipped`` counts them; ``max_skips`` in a row raise ``DivergenceError``.
 * An exception raised by user code at any point of a step (forward, loss, backward hook,
   closure, ``KeyboardInterrupt`` in forward) leaves the training weights in
   ``model.state_dict()``; training continues, or is checkpointed and resumed, exactly as
@@ -22,6 +22,7 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp
+from deepopt.experimental import legacy_kwargs
 
 NAN, INF = float("nan"), float("inf")
 
@@ -38,7 +39,7 @@ def build(factory, opt_name, overrides):
     model = factory()
     opt = OPTIMIZERS[opt_name](model.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, 3, gamma=0.7)  # built before activate
-    model, opt = deepopt.activate(model, opt, **overrides)
+    model, opt = deepopt.activate(model, opt, **legacy_kwargs(overrides))
     return model, opt, sched
 
 
@@ -117,7 +118,7 @@ def everything(model, opt, sched):
     eval_view = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     state = opt.state_dict()
-    state["deepopt"].pop("guard")  # the skip counter is the only difference, checked apart
+    state["deepopt"]["mechanisms"].pop("guard")  # the skip counter is the only difference, checked apart
     return {"train": train_view, "eval": eval_view, "optimizer": state, "scheduler": sched.state_dict(),
             "lr": sched.get_last_lr()}
 
@@ -147,12 +148,12 @@ def test_non_finite_steps_leave_no_trace(factory, opt_name, overrides, closure, 
 
     model, opt, sched = build(factory, opt_name, overrides)
     fit(model, opt, sched, x, y, steps, faults, drop=set(), closure=closure)
-    assert opt.guard.skipped == len(faults)
+    assert opt.mechanism("guard").skipped == len(faults)
     got = everything(model, opt, sched)
 
     model, opt, sched = build(factory, opt_name, overrides)
     fit(model, opt, sched, x, y, steps, {}, drop=set(faults), closure=closure)
-    assert opt.guard.skipped == 0
+    assert opt.mechanism("guard").skipped == 0
     assert_same(got, everything(model, opt, sched))
     assert all(lr == lr and abs(lr) < INF for lr in got["lr"])
 
@@ -184,7 +185,7 @@ def test_nan_first_batch_does_not_poison_calibration():
     x, y = data(n=64)
     model, opt, sched = build(mlp, "sgd", {})
     fit(model, opt, sched, x, y, 4, {0: "input"}, drop=set(), closure=False)
-    assert opt.calibrated is False and opt.guard.skipped == 1
+    assert opt.mechanism("calibrate").calibrated is False and opt.mechanism("guard").skipped == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -206,9 +207,9 @@ def test_unfrozen_layer_is_guarded():
         if i == 3:
             model[0].weight.grad[0, 0] = NAN
         opt.step()
-    assert opt.guard.skipped == 1
+    assert opt.mechanism("guard").skipped == 1
     assert torch.isfinite(model[0].weight).all()
-    assert len(opt.average.tensors) == len(list(model.parameters())) + len(list(model.buffers()))
+    assert len(opt.mechanism("average").tensors) == len(list(model.parameters())) + len(list(model.buffers()))
 
 
 def test_divergence_error_after_max_skips_in_a_row_keeps_last_good_state():
@@ -229,7 +230,7 @@ def test_divergence_error_after_max_skips_in_a_row_keeps_last_good_state():
         else:
             with pytest.raises(deepopt.DivergenceError, match=r"skipped 3 optimizer steps in a row.*max_skips"):
                 opt.step()
-    assert opt.guard.skipped == 3
+    assert opt.mechanism("guard").skipped == 3
     for p in model.parameters():  # the parameters themselves, not only state_dict()
         assert torch.isfinite(p).all()
     for k, v in model.state_dict().items():
@@ -238,7 +239,7 @@ def test_divergence_error_after_max_skips_in_a_row_keeps_last_good_state():
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
     # the user may lower the LR and carry on: one good step resets the count
     fit(model, opt, sched, x, y, 2, {}, drop=set(), closure=False)
-    assert opt.guard.consecutive == 0 and opt.steps == 5
+    assert opt.mechanism("guard").consecutive == 0 and opt.steps == 5
 
 
 # -- exceptions raised by the user's code ---------------------------------------------------
@@ -312,7 +313,7 @@ def run_faulty(overrides, closure, fail_at=None, point=None, steps=6, start=0, m
         torch.manual_seed(0)
         model = Faulty()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        model, opt = deepopt.activate(model, opt, **overrides)
+        model, opt = deepopt.activate(model, opt, **legacy_kwargs(overrides))
     else:
         model, opt = model_opt
     for i in range(start, steps):
@@ -392,7 +393,7 @@ def test_exception_in_eval_forward_keeps_the_right_views():
     model.fail = UserError("bad eval forward")
     with pytest.raises(UserError), torch.no_grad():
         model(x[:8])
-    for (_, p), a in zip(model.named_parameters(), opt.average.tensors):
+    for (_, p), a in zip(model.named_parameters(), opt.mechanism("average").tensors):
         assert torch.equal(p, a)  # evaluation weights, never w + e
     model.train()
     for k, v in model.state_dict().items():

@@ -48,7 +48,7 @@ def test_nan_steps_are_skipped_and_equal_to_skipping_them(overrides):
 
     m1, o1 = run(True)
     m2, _ = run(False)
-    assert o1.guard.skipped == 3
+    assert o1.mechanism("guard").skipped == 3
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b)

@@ -67,7 +67,7 @@ def test_off_is_classical_and_default_equals_explicit_activate(script, tmp_path)
     assert ckpt["deepopt"]["steps"] == 6
     # The default recipe's state holds tensors (the average, the training values): compared bitwise.
     assert same(ckpt["deepopt"], torch.load(tmp_path / "d.pt")["opt"]["deepopt"])
-    assert ckpt["deepopt"]["average"]["tensors"] is not None
+    assert ckpt["deepopt"]["mechanisms"]["average"]["tensors"] is not None
     assert same(torch.load(tmp_path / "c.pt")["model"], torch.load(tmp_path / "d.pt")["model"])
     # Training is classical: the weights saved in train mode are the plain run's, bit for bit.
     assert same(torch.load(tmp_path / "c.pt")["model"], torch.load(tmp_path / "a.pt")["model"])
@@ -97,7 +97,7 @@ def test_nan_step_is_skipped_like_explicit(script, tmp_path):
     plain = run(sys.executable, str(script), "h.pt", "--nan", cwd=tmp_path)
     assert checksum(zero) == checksum(explicit) != "nan"
     assert checksum(plain) == "nan"
-    assert torch.load(tmp_path / "f.pt")["opt"]["deepopt"]["guard"]["skipped"] == 1
+    assert torch.load(tmp_path / "f.pt")["opt"]["deepopt"]["mechanisms"]["guard"]["skipped"] == 1
 
 
 def test_bad_override_and_exit_status(script, tmp_path):

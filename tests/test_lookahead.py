@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deepopt
-from deepopt.mechanisms.lookahead import sync_
+from deepopt.mechanisms.lookahead import Lookahead, sync_
 
 
 def test_sync_matches_hand_computation():
@@ -23,7 +23,7 @@ def test_lookahead_with_sgd_matches_manual_schedule():
     model.w = w
     model.forward = lambda: None  # unused
     opt = torch.optim.SGD([w], lr=0.1)
-    _, opt = deepopt.activate(model, opt, lookahead_k=2, lookahead_alpha=0.5)
+    _, opt = deepopt.activate(model, opt, mechanisms=[Lookahead(k=2, alpha=0.5)])
     expected, slow = 1.0, None
     for step in range(1, 7):
         opt.zero_grad()
@@ -40,5 +40,9 @@ def test_lookahead_with_sgd_matches_manual_schedule():
 
 def test_bad_lookahead_settings():
     model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="lookahead_alpha=0 is invalid"):
-        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), lookahead_k=5, lookahead_alpha=0)
+    with pytest.raises(ValueError, match="alpha=0 is invalid"):
+        Lookahead(k=5, alpha=0)
+    with pytest.raises(ValueError, match="k=0 is invalid"):
+        Lookahead(k=0)
+    with pytest.raises(ValueError, match="lookahead_k moved to deepopt.experimental"):
+        deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), lookahead_k=5)

@@ -30,7 +30,7 @@ def test_gradient_is_taken_at_w_plus_noise_and_update_applied_to_w():
     torch.manual_seed(0)
     model, ref = nn.Linear(4, 2), nn.Linear(4, 2)
     ref.load_state_dict(model.state_dict())
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), noise=0.3)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), mechanisms=[WeightNoise(0.3)])
     expected_noise = WeightNoise(0.3, torch.initial_seed()).sample([p.detach() for p in ref.parameters()])
     x = torch.randn(8, 4)
     model(x).pow(2).mean().backward()
@@ -52,7 +52,7 @@ def test_noise_never_moves_the_global_rng_and_eval_is_clean():
         model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         # average=None: "clean" eval is then the unperturbed training weights themselves
-        model, opt = deepopt.activate(model, opt, noise=noise, average=None)
+        model, opt = deepopt.activate(model, opt, average=None, mechanisms=[WeightNoise(noise)] if noise else [])
         for _ in range(3):
             model(torch.randn(4, 3)).sum().backward()
             opt.step(); opt.zero_grad()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp, params_of, train
-from deepopt.mechanisms.perturb import direction, perturbation
+from deepopt.mechanisms.perturb import MomentumPerturbation, direction, perturbation
 
 
 def test_perturbation_matches_hand_computation():
@@ -45,8 +43,8 @@ def test_gradient_is_taken_at_w_plus_or_minus_rho_unit_momentum(ascent, sign):
     ref = nn.Linear(4, 1)
     ref.load_state_dict(model.state_dict())
     rho = 0.3
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=rho,
-                                  ascent=ascent)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  mechanisms=[MomentumPerturbation(rho, ascent=ascent)])
     x = torch.randn(8, 4)
     model(x).pow(2).mean().backward()
     opt.step(); opt.zero_grad()
@@ -181,7 +179,7 @@ def test_sam_warmup_ramps_the_radius_step_by_step():
                                       recipe="thorough", **overrides)
         for i, rho in enumerate(radii):
             if rho is not None:  # stands in for the ramp: a fresh setting per step
-                opt.settings = dataclasses.replace(opt.settings, sam_rho=rho)
+                opt.mechanism("sam").rho = rho
 
             def closure(i=i):
                 opt.zero_grad()

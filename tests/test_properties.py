@@ -30,7 +30,9 @@ from torch import nn
 
 import deepopt
 from conftest import LSTMNet, TransformerNet, bn_cnn, data
+from deepopt.experimental import legacy_kwargs
 from deepopt.mechanisms.dropout_match import weighted_layers
+from deepopt.recipes import MOVED
 
 EXAMPLES_PER_FAMILY = 100
 STEPS, SAVE_AT = 4, 2
@@ -153,7 +155,8 @@ class Case:
             groups = [{"params": params[:half]}, {"params": params[half:], "lr": lr * 0.3, "weight_decay": 1e-2}]
         opt = OPTIMIZERS[self.optimizer](groups, lr)
         if enabled is not None:
-            model, opt = deepopt.activate(model, opt, recipe=self.recipe, enabled=enabled, **dict(self.overrides))
+            model, opt = deepopt.activate(model, opt, recipe=self.recipe, enabled=enabled,
+                                          **legacy_kwargs(dict(self.overrides)))
         return model, opt
 
 
@@ -236,10 +239,16 @@ def check(case: Case) -> str:
     if case.invalid is not None:
         model, opt = case.build(enabled=None)
         try:
-            deepopt.activate(model, opt, recipe=case.recipe, **dict(case.overrides))
+            # the valid knobs that moved to deepopt.experimental as mechanisms; the invalid one as given
+            overrides = dict(case.overrides)
+            bad = {case.invalid: overrides.pop(case.invalid)} if case.invalid in overrides else {}
+            deepopt.activate(model, opt, recipe=case.recipe, **legacy_kwargs(overrides), **bad)
         except (TypeError, ValueError) as e:
             message = str(e)
-            assert f"{case.invalid}=" in message or f"override(s) {case.invalid}" in message, message
+            if case.invalid in MOVED:  # refused with where it went, whatever its value
+                assert case.invalid in message.split(" moved to ")[0], message
+            else:
+                assert f"{case.invalid}=" in message or f"override(s) {case.invalid}" in message, message
             # refused up front: nothing was attached
             assert not model._forward_pre_hooks and getattr(opt, "_deepopt_wrapper", None) is None
             return "rejected"
@@ -279,12 +288,12 @@ def check(case: Case) -> str:
     with torch.no_grad():
         model(x)
     averaged = {}
-    if opt.average is not None and opt.average.tensors is not None:
-        averaged = {id(p): a for p, a in zip(opt._params(), opt.average.tensors)}
+    if opt.mechanism("average") is not None and opt.mechanism("average").tensors is not None:
+        averaged = {id(p): a for p, a in zip(opt.params(), opt.mechanism("average").tensors)}
     factors = {}  # dropout-matched evaluation, where its gate kept the rescaled weights
-    if opt.dropout_match is not None and opt.dropout_match.keep:
-        layers = weighted_layers(model, {id(p) for p in opt._params()})
-        factors = {id(q): s for layer, s in zip(layers, opt.dropout_match.scales)
+    if opt.mechanism("dropout_match") is not None and opt.mechanism("dropout_match").keep:
+        layers = weighted_layers(model, {id(p) for p in opt.params()})
+        factors = {id(q): s for layer, s in zip(layers, opt.mechanism("dropout_match").scales)
                    for q in layer.parameters(recurse=False)}
     for name, p in model.named_parameters():
         expected = averaged.get(id(p), train_view[name])

@@ -21,6 +21,7 @@ from torch import nn
 
 import deepopt
 from conftest import data
+from deepopt.experimental import legacy_kwargs
 
 TESTS = Path(__file__).resolve().parent
 TOTAL, AT = 12, 5  # steps of the run; the checkpoint is written after step AT
@@ -52,7 +53,7 @@ def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    model, opt = deepopt.activate(model, opt, **overrides)
+    model, opt = deepopt.activate(model, opt, **legacy_kwargs(overrides))
     sched = torch.optim.lr_scheduler.StepLR(opt, 4, gamma=0.5)
     return model, opt, sched
 
@@ -218,7 +219,7 @@ def test_rho_with_adagrad_keeps_last_gradients_across_a_checkpoint():
     model, opt = make(0)
     steps(model, opt, 0, 4)
     ckpt = torch_roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-    assert ckpt["opt"]["deepopt"]["last_grads"] is not None
+    assert ckpt["opt"]["deepopt"]["mechanisms"]["perturb"]["grads"] is not None
     model2, opt2 = make(1)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
@@ -242,7 +243,7 @@ def test_old_format_version_is_refused_clearly_and_nothing_is_loaded(version):
         state["momentum_buffer"].fill_(7.0)
     old["param_groups"][0]["lr"] = 9.0
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=rf"deepopt format version {version!r}; this deepopt reads version 1\. "
+    with pytest.raises(ValueError, match=rf"deepopt format version {version!r}; this deepopt reads versions 1 to 2\. "
                                          r"Load it with the deepopt release that saved it"):
         opt.load_state_dict(old)
     after = opt.state_dict()
@@ -309,3 +310,26 @@ def test_model_pickled_whole_is_plain_with_the_weights_of_its_mode():
     assert not twin._forward_pre_hooks and not twin._forward_hooks and "__getstate__" not in vars(twin)
     deepopt.deactivate(model, opt)
     assert "__getstate__" not in vars(model)
+
+
+# A file written by deepopt 0.1 (state format version 1, tests/data/make_v1_checkpoints.py):
+# today's deepopt resumes it onto the trajectory the old code took without interruption.
+V1_CHECKPOINTS = TESTS / "data" / "v1_checkpoints.pt"
+
+
+@pytest.mark.parametrize("name", ["default", "thorough", "rho", "lookahead", "noise", "restart", "looksam",
+                                  "dropout_match"])
+def test_version_1_checkpoint_resumes_onto_the_old_uninterrupted_trajectory(name):
+    saved = torch.load(V1_CHECKPOINTS, weights_only=True)[name]
+    assert saved["opt"]["deepopt"]["version"] == 1 and saved["overrides"] == RECIPES[name][0]
+    model, opt, sched = build(name, seed=123)  # other initial weights: all must come from the file
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    torch.set_rng_state(saved["rng"])
+    train_steps(name, model, opt, sched, AT, TOTAL)
+    final = final_state(model)
+    assert final.keys() == saved["final"].keys()
+    for key, value in saved["final"].items():
+        assert torch.equal(final[key], value), key
+    assert opt.state_dict()["deepopt"]["version"] == deepopt.optimizer.STATE_VERSION

@@ -10,10 +10,13 @@ Example:
     >>> loss.backward(); optimizer.step(); optimizer.zero_grad()
 """
 
+from . import experimental
 from .activate import activate, deactivate
+from .mechanisms.base import Mechanism
 from .mechanisms.guard import DivergenceError
 from .optimizer import DeepOptimizer
 from .recipes import RECIPES, Settings
 
-__all__ = ["activate", "deactivate", "DeepOptimizer", "DivergenceError", "RECIPES", "Settings"]
+__all__ = ["activate", "deactivate", "DeepOptimizer", "DivergenceError", "Mechanism", "RECIPES", "Settings",
+           "experimental"]
 __version__ = "0.1.0"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .mechanisms import REGISTRY, Mechanism, compose
 from .optimizer import DeepOptimizer
-from .recipes import Settings, resolve
+from .recipes import resolve
 
 __all__ = ["activate", "deactivate"]
 
@@ -20,6 +22,7 @@ def activate(
     *,
     recipe: str = "default",
     enabled: bool = True,
+    mechanisms: Iterable[Mechanism] = (),
     **overrides: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Turn deepopt on for ``model`` trained by ``optimizer``; return the objects to keep using.
@@ -36,6 +39,8 @@ def activate(
             radius ramped up over the first 1,000 steps, when ``step(closure)`` is used)
             or ``"safe"`` (calibration and guard only).
         enabled: ``False`` returns ``model`` and ``optimizer`` untouched, for A/B runs.
+        mechanisms: mechanism objects to add, e.g. ``[deepopt.experimental.Lookahead(k=5)]``;
+            one replaces the recipe's mechanism of the same name. Each serves one activation.
         **overrides: fields of :class:`deepopt.Settings` replacing the recipe's values,
             e.g. ``rho=0.05``, ``average="ema"``, ``ema_decay=0.999``.
 
@@ -72,6 +77,7 @@ def activate(
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}.")
     settings = resolve(recipe, overrides)  # validated even when disabled: typos surface in A/B runs
+    chosen = compose(settings, mechanisms)
     if not enabled:
         return model, optimizer
     if isinstance(optimizer, DeepOptimizer):
@@ -86,9 +92,13 @@ def activate(
         if existing.model is model:
             return model, existing
         raise ValueError("optimizer is already activated for another model; call deepopt.deactivate first.")
-    _check_not_sharded(model, settings)
+    _check_not_sharded(model, chosen)
     _check_params(model, optimizer)
-    wrapper = DeepOptimizer(optimizer, model, settings)
+    for m in chosen:
+        if getattr(m, "_activated", False):
+            raise ValueError(f"mechanisms: {m!r} already serves another activation; pass a new one.")
+        m._activated = True  # type: ignore[attr-defined]
+    wrapper = DeepOptimizer(optimizer, model, chosen, settings)
     optimizer._deepopt_wrapper = wrapper  # type: ignore[attr-defined]
     return model, wrapper
 
@@ -143,23 +153,17 @@ def _sharding(model: nn.Module) -> str | None:
     return None
 
 
-def _check_not_sharded(model: nn.Module, settings: Settings) -> None:
+def _check_not_sharded(model: nn.Module, mechanisms: list[Mechanism]) -> None:
     kind = _sharding(model)
     if kind is None:
         return
-    mechanisms = {
-        "perturbation (rho, sam_rho, noise)": "its norm would be each rank's shard's norm",
-        "start-up calibration (calibrate)": "it rescales whole layer weights",
-        "weight averaging (average)": "the evaluation view swaps whole tensors",
-        "divergence guard (guard)": "each rank would decide from its own shard",
-    }
-    enabled = [name for name, on in zip(mechanisms, (
-        settings.rho > 0 or settings.sam_rho > 0 or settings.noise > 0, settings.calibrate,
-        settings.average is not None, settings.guard)) if on]
+    unsafe = [f"{cls.example().label.split(' (')[0]}: {cls.unsafe_when_sharded}" for cls in REGISTRY
+              if cls.unsafe_when_sharded]
+    enabled = [m.label for m in mechanisms if m.unsafe_when_sharded]
     raise ValueError(
         f"deepopt does not support sharded models; this model uses {kind}. Under sharding "
-        "each rank holds only a shard of every weight, so these mechanisms are unsupported: "
-        + "; ".join(f"{k}: {v}" for k, v in mechanisms.items())
-        + f". Enabled by your settings: {', '.join(enabled) or 'none'}. Wrap the model in "
+        "each rank holds only a shard of every weight, so the evaluation view swaps and these "
+        f"mechanisms cannot act: {'; '.join(unsafe)}. Enabled by your settings: "
+        f"{', '.join(enabled) or 'none'}. Wrap the model in "
         "torch.nn.parallel.DistributedDataParallel instead (supported), or pass enabled=False."
     )

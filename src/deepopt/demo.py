@@ -216,8 +216,9 @@ class _Run:
         )
         if activate is not None:
             import deepopt
+            from deepopt.experimental import legacy_kwargs  # rows may hold 0.1's knobs
 
-            model, opt = deepopt.activate(model, opt, **activate)
+            model, opt = deepopt.activate(model, opt, **legacy_kwargs(activate))
         self.model, self.opt = model, opt
         self.sched = torch.optim.lr_scheduler.MultiStepLR(opt, _milestones(epochs), gamma=0.1)
         self.order = torch.Generator().manual_seed(seed)  # same data order for both runs
@@ -271,9 +272,9 @@ class _Run:
             "lr": self.lr,
             "epoch_seconds": self.seconds,
         }
-        guard = getattr(self.opt, "guard", None)
-        if hasattr(self.opt, "settings"):  # a DeepOptimizer: what its mechanisms did
-            out["calibrated"] = bool(getattr(self.opt, "calibrated", False))
+        if hasattr(self.opt, "mechanism"):  # a DeepOptimizer: what its mechanisms did
+            calibration, guard = self.opt.mechanism("calibrate"), self.opt.mechanism("guard")
+            out["calibrated"] = bool(getattr(calibration, "calibrated", False))
             out["skipped_steps"] = int(guard.skipped) if guard is not None else 0
         return out
 

@@ -40,7 +40,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .optimizer import DeepOptimizer, check_state_version, say
+from .hooks import say
+from .optimizer import DeepOptimizer, check_state_version
 from .recipes import resolve
 
 __all__ = ["ENV", "install", "install_from_env", "uninstall"]
@@ -54,6 +55,7 @@ _original_init: Any = None
 _loaded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # deepopt state loaded early
 _skipped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # grads hidden for a skip
 _closure_told: weakref.WeakSet = weakref.WeakSet()  # told what does not act on step(closure)
+_zero_code_wrappers: weakref.WeakSet = weakref.WeakSet()  # the wrappers this launcher activated
 _built = False  # whether the script built any optimizer
 _told_none = False  # whether "no optimizer built" was said
 _activating = False  # inside _activate (whose calibration runs forwards)
@@ -154,7 +156,7 @@ def _track(opt: torch.optim.Optimizer) -> None:
 
 def _zero_code(opt: torch.optim.Optimizer) -> DeepOptimizer | None:
     w = opt.__dict__.get("_deepopt_wrapper")
-    return w if getattr(w, "_zero_code", False) else None
+    return w if w is not None and w in _zero_code_wrappers else None
 
 
 def _opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -194,21 +196,21 @@ def _activate(module: nn.Module, opt: torch.optim.Optimizer, params: list, args:
     except ValueError as e:
         say(f"not activated on {name} ({model_name}): {e}")
         return
-    wrapper._zero_code = True  # type: ignore[attr-defined]
+    _zero_code_wrappers.add(wrapper)
     deep = _loaded.pop(opt, None)
     if deep is not None:
-        wrapper._load_deepopt_state(deep)
+        wrapper.load_deepopt_state(deep)
     extra = "".join(f" {k}={v}" for k, v in overrides.items())
     n = sum(p.numel() for p in params)
     say(f"activated {name} on {model_name} ({len(params)} tensors, {n} parameters), recipe={recipe}{extra}")
-    if wrapper.settings.sam_rho > 0:
+    for m in (m for m in wrapper.mechanisms if m.needs_closure):
         # The README promises a warning: the script's own step() never reaches deepopt's.
-        say(f"two-pass SAM (sam_rho={wrapper.settings.sam_rho}) does not act under deepopt run: "
-            "torch's step hooks cannot run the closure twice, so this run trains as with sam_rho=0. "
+        say(f"{m.label} does not act under deepopt run: "
+            "torch's step hooks cannot run the closure twice, so this run trains without it. "
             f"For SAM add `model, optimizer = deepopt.activate(model, optimizer, recipe={recipe!r})` "
             "to the script and call optimizer.step(closure).")
     # The hooks just registered on the model miss this call's pre-hooks: run that one now.
-    wrapper._on_forward(module, args, {})
+    wrapper.forward_started(module, args, {})
 
 
 def _closure(args: tuple, kwargs: dict) -> Any:
@@ -229,13 +231,12 @@ def _on_step_pre(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     if _pending and _closure(args, kwargs) is None:
         _drop_pending(opt, "before its first step")
     w = _zero_code(opt)
-    if w is None or w._base_stepping:
+    if w is None or w.base_stepping:
         return
     if _closure(args, kwargs) is not None:  # grads come later, inside the base step
-        w._param_cache = ((), [])
-        w._show("train")
+        w.show("train")
         return
-    if not w._before_update(None):
+    if not w.before_update(None):
         params = _opt_params(opt)
         _skipped[opt] = [p.grad for p in params]
         for p in params:
@@ -246,9 +247,9 @@ def _on_step_post(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None
     if _pending:
         _drop_pending(opt, "before or inside its first step(closure)")
     w = _zero_code(opt)
-    if w is None or w._base_stepping:
+    if w is None or w.base_stepping:
         return
-    if _closure(args, kwargs) is not None and w.settings.guard and opt not in _closure_told:
+    if _closure(args, kwargs) is not None and w.mechanism("guard") is not None and opt not in _closure_told:
         _closure_told.add(opt)
         say(f"the divergence guard does not act on {type(opt).__name__}.step(closure) under deepopt "
             "run (the closure runs inside torch's step, after deepopt's hook); add `model, optimizer "
@@ -258,13 +259,13 @@ def _on_step_post(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None
         for p, g in zip(_opt_params(opt), grads):
             p.grad = g
         return
-    w._after_update()
+    w.after_update()
 
 
 def _on_state_dict(opt: torch.optim.Optimizer, state: dict) -> dict:
     w = _zero_code(opt)
     if w is not None and "deepopt" not in state:
-        state["deepopt"] = w._deepopt_state()
+        state["deepopt"] = w.deepopt_state()
     return state
 
 
@@ -283,4 +284,4 @@ def _on_load_post(opt: torch.optim.Optimizer) -> None:
     w = _zero_code(opt)
     deep = _loaded.pop(opt, None) if w is not None else None
     if deep is not None:
-        w._load_deepopt_state(deep)  # type: ignore[union-attr]
+        w.load_deepopt_state(deep)  # type: ignore[union-attr]

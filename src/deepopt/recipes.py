@@ -14,7 +14,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
-__all__ = ["Settings", "RECIPES", "resolve"]
+__all__ = ["Settings", "RECIPES", "MOVED", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -22,41 +22,14 @@ class Settings:
     """All knobs of deepopt; a recipe is one instance, overrides replace fields.
 
     Attributes:
-        rho: radius of the momentum-direction perturbation (zero extra passes);
-            0 turns it off.
-        ascent: perturb along ``+m`` (uphill, SAM's sign with the momentum standing in
-            for the gradient) instead of ``-m`` (along the update, Momentum-SAM's sign).
-        rho_follows_lr: scale ``rho`` by ``lr / (largest lr so far)`` so the
-            perturbation shrinks with the learning-rate schedule.
-        adaptive: scale-adaptive (ASAM) radius, per-weight ``|w| + 0.01``.
-        noise: random weight perturbation: each training forward runs at ``w + e``,
-            ``e`` Gaussian with std ``noise`` times each output unit's weight RMS; 0 is off.
+        rho: radius of the momentum-direction perturbation (Momentum-SAM, zero extra
+            passes): each training forward runs at ``w - rho * m / ||m||``; 0 turns it off.
         sam_rho: radius of exact two-pass SAM, used when ``step(closure)`` is given;
             0 turns it off.
         sam_warmup: ramp the SAM radius linearly from 0 to ``sam_rho`` over the first
             ``k`` steps (0 = full radius from the first step). A full radius while the
             loss is still on its initial plateau killed the last hidden layer of the
             seed's 13-layer MLP on 2 of 3 seeds (BENCHMARKS.md, section 1).
-        sam_lr_fraction: run the two SAM passes only while the learning rate is at least
-            this fraction of the largest seen so far (1.0 = until the first LR drop,
-            0 = always); below it ``step(closure)`` takes one plain pass, so under the
-            seed's schedule (drops at 30/60/80%) 1.0 costs about 1.3x instead of 2x. Measured
-            to keep none of SAM's 100-epoch gain on the seed's net 6, which is made at the
-            low LR (BENCHMARKS.md, section 1).
-        sam_lr_ceiling: run the two SAM passes only while the learning rate is at most
-            this fraction of the largest seen so far (1.0 = always; 0.5 = after the first
-            drop by 2x or more; 0.005 = the seed's last phase, after its third /10 drop,
-            about 1.2x); above it ``step(closure)`` takes one plain pass. SAM late in
-            training only, the mirror of ``sam_lr_fraction``. Measured to keep at most
-            part of SAM's 100-epoch gain on the seed's net 6 in any one LR phase
-            (BENCHMARKS.md, section 1).
-        sam_every: run the two SAM passes every ``k``-th step only; the steps between
-            take one pass and reuse SAM's last sharpness direction (LookSAM).
-        sam_reuse: LookSAM's ``alpha``, the weight of the reused direction (0 = plain
-            gradient between the SAM steps: periodic SAM, cost ``1 + 1/k``). Measured unstable with SGD momentum at
-            alpha 0.7 (BENCHMARKS.md, section 1).
-        lookahead_k: Lookahead slow/fast weights, sync every ``k`` steps; 0 turns it off.
-        lookahead_alpha: Lookahead's step of the slow weights towards the fast, in (0, 1].
         average: ``None``, ``"ema"``, ``"power"`` (power-function EMA, Karras et al. 2024:
             its window is ``average_width`` of the steps taken so far, so it needs no
             horizon) or ``"phase"`` (uniform average within the current LR phase); what
@@ -69,9 +42,6 @@ class Settings:
             average converges to the iterate, which the schedule has already averaged.
         average_every: fold the weights into the average every ``k``-th step only (the
             EMA decay is adjusted to keep its horizon in steps): ``1/k`` of the cost.
-        average_restart: when the learning rate changes (an LR drop), training continues
-            from the averaged weights: the average of the phase that ends (SWA's point)
-            is fine-tuned at the new LR. Needs ``average``.
         dropout_match: evaluate a net with dropout at weights rescaled so that each
             linear/conv layer's eval-mode output matches its output with dropout on, measured
             on the last training batch at the first evaluation after new steps, and kept
@@ -91,27 +61,19 @@ class Settings:
         (True, 0.0)
         >>> RECIPES["default"].dropout_match
         True
+
+    The knobs of mechanisms measured not to help moved to constructor arguments of
+    :mod:`deepopt.experimental` classes (:data:`MOVED`).
     """
 
     rho: float = 0.0
-    ascent: bool = False
-    rho_follows_lr: bool = False
-    adaptive: bool = False
-    noise: float = 0.0
     sam_rho: float = 0.0
     sam_warmup: int = 0
-    sam_lr_fraction: float = 0.0
-    sam_lr_ceiling: float = 1.0
-    sam_every: int = 1
-    sam_reuse: float = 0.7
-    lookahead_k: int = 0
-    lookahead_alpha: float = 0.5
     average: str | None = None
     ema_decay: float = 0.999
     average_width: float = 0.05
     average_follows_lr: bool = False
     average_every: int = 1
-    average_restart: bool = False
     dropout_match: bool = False
     calibrate: bool = True
     calibrate_threshold: float = 1e-3
@@ -120,42 +82,23 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raise ``ValueError`` naming the field, the value and the valid range."""
-        for name in ("ascent", "rho_follows_lr", "adaptive", "average_restart", "average_follows_lr",
-                     "dropout_match", "calibrate", "guard"):
+        for name in ("average_follows_lr", "dropout_match", "calibrate", "guard"):
             value = getattr(self, name)
             if not _is_bool(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be True or False.")
-        for name in ("rho", "noise", "sam_rho", "sam_lr_fraction", "sam_lr_ceiling", "sam_reuse", "lookahead_alpha", "ema_decay",
-                     "average_width", "calibrate_threshold"):
+        for name in ("rho", "sam_rho", "ema_decay", "average_width", "calibrate_threshold"):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
-        for name in ("rho", "noise", "sam_rho", "sam_reuse"):
+        for name in ("rho", "sam_rho"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
         # Step counts: integers (not bools, not floats) at or above their smallest value.
-        for name, low, note in (("sam_warmup", 0, " (0 = off)"), ("sam_every", 1, " (1 = every step)"),
-                                ("lookahead_k", 0, " (0 = off)"), ("average_every", 1, ""),
-                                ("max_skips", 1, "")):
+        for name, low, note in (("sam_warmup", 0, " (0 = off)"), ("average_every", 1, ""), ("max_skips", 1, "")):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {low}{note}.")
-        if not 0.0 <= self.sam_lr_fraction <= 1.0:
-            raise ValueError(
-                f"sam_lr_fraction={self.sam_lr_fraction!r} is invalid: it must lie in [0, 1] (0 = SAM at every LR)."
-            )
-        if not 0.0 < self.sam_lr_ceiling <= 1.0:
-            raise ValueError(
-                f"sam_lr_ceiling={self.sam_lr_ceiling!r} is invalid: it must lie in (0, 1] (1 = SAM at every LR)."
-            )
-        if self.sam_lr_fraction > self.sam_lr_ceiling:
-            raise ValueError(
-                f"sam_lr_fraction={self.sam_lr_fraction!r} > sam_lr_ceiling={self.sam_lr_ceiling!r} leaves no LR "
-                "at which SAM runs: SAM runs while lr / max lr lies in [sam_lr_fraction, sam_lr_ceiling]."
-            )
-        if not 0.0 < self.lookahead_alpha <= 1.0:
-            raise ValueError(f"lookahead_alpha={self.lookahead_alpha!r} is invalid: it must lie in (0, 1].")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "power", "phase"):
@@ -163,11 +106,6 @@ class Settings:
         if not 0.0 < self.average_width < 0.28:
             raise ValueError(
                 f"average_width={self.average_width!r} is invalid: it must lie in (0, 0.28), e.g. 0.05."
-            )
-        if self.average_restart and self.average is None:
-            raise ValueError(
-                "average_restart=True is invalid without averaging: also pass average='ema' or "
-                "average='phase'."
             )
         if not 0.0 < self.calibrate_threshold < 1.0:
             raise ValueError(
@@ -208,6 +146,22 @@ RECIPES: dict[str, Settings] = {
 }
 
 
+#: Knobs of deepopt 0.1 that became constructor arguments of deepopt.experimental classes.
+MOVED = {
+    "noise": "WeightNoise(sigma=...)",
+    "ascent": "MomentumPerturbation(rho=..., ascent=True)",
+    "adaptive": "MomentumPerturbation(rho=..., adaptive=True) or TwoPassSAM(rho=..., adaptive=True)",
+    "rho_follows_lr": "MomentumPerturbation(rho=..., follows_lr=True)",
+    "sam_every": "TwoPassSAM(rho=..., every=...)",
+    "sam_reuse": "TwoPassSAM(rho=..., every=..., reuse=...)",
+    "sam_lr_fraction": "TwoPassSAM(rho=..., lr_range=(fraction, 1.0))",
+    "sam_lr_ceiling": "TwoPassSAM(rho=..., lr_range=(0.0, ceiling))",
+    "lookahead_k": "Lookahead(k=..., alpha=...)",
+    "lookahead_alpha": "Lookahead(k=..., alpha=...)",
+    "average_restart": "WeightAverage(kind=..., restart=True)",
+}
+
+
 def resolve(recipe: str, overrides: dict) -> Settings:
     """The settings of ``recipe`` with ``overrides`` applied and validated.
 
@@ -217,8 +171,15 @@ def resolve(recipe: str, overrides: dict) -> Settings:
         >>> resolve("default", {"rhoo": 0.05})
         Traceback (most recent call last):
         ...
-        ValueError: unknown override(s) rhoo; valid overrides: adaptive, ...
+        ValueError: unknown override(s) rhoo; valid overrides: average, ...
     """
+    moved = sorted(set(overrides) & set(MOVED))
+    if moved:
+        raise ValueError(
+            f"{', '.join(moved)} moved to deepopt.experimental (measured not to help): pass "
+            + "; ".join(f"mechanisms=[{MOVED[k]}]" for k in moved)
+            + " to activate(), e.g. mechanisms=[deepopt.experimental.Lookahead(k=5)]."
+        )
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"recipe={recipe!r} is unknown; valid recipes: {', '.join(sorted(RECIPES))}.")
     valid = {f.name for f in fields(Settings)}

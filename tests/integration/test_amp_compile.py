@@ -82,10 +82,10 @@ def test_bf16_autocast_with_grad_scaler_equals_the_unscaled_run():
 def snapshot_state(model: nn.Module, opt) -> dict:
     return {
         "shown": [p.detach().clone() for p in model.parameters()],  # w + e during the step
-        "train": opt._train_values(),
-        "average": [t.clone() for t in opt.average.tensors],
+        "train": opt.views.train_values(opt.eval_targets()),
+        "average": [t.clone() for t in opt.mechanism("average").tensors],
         "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
-        "counters": (opt.steps, opt.average.count, opt.guard.skipped, opt.guard.consecutive),
+        "counters": (opt.steps, opt.mechanism("average").count, opt.mechanism("guard").skipped, opt.mechanism("guard").consecutive),
     }
 
 
@@ -131,24 +131,31 @@ def test_clip_grad_norm_between_backward_and_step_is_what_the_update_uses():
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
         clipped = [p.grad.clone() for p in model.parameters()]
-        before = opt._train_values()
+        before = opt.views.train_values(opt.eval_targets())
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
         assert norm > 0.05  # clipping was active
-        after = opt._train_values()
+        after = opt.views.train_values(opt.eval_targets())
         for w0, w1, g in zip(before, after, clipped):
             torch.testing.assert_close(w0 - w1, 0.05 * g)
-        for p, g in zip(model.parameters(), clipped):
-            assert torch.equal(opt._last_grads[p], g)
+        for i, g in enumerate(clipped):
+            assert torch.equal(opt.mechanism("perturb").grads[i], g)
 
 
 def test_gradient_accumulation_applies_mechanisms_once_per_step():
     full_model, full_opt = activated()
     acc_model, acc_opt = activated()
     perturbations = []
-    perturb = acc_opt._perturb
-    acc_opt._perturb = lambda: (perturb(), perturbations.append(acc_opt._view == "perturbed"))
+    show = acc_opt.show
+
+    def counted(view):
+        was = acc_opt.views.current
+        show(view)
+        if view == "perturbed" != was:
+            perturbations.append(acc_opt.views.current == "perturbed")
+
+    acc_opt.show = counted
     for i in range(5):
         x, y = batch(i)
         nn.functional.cross_entropy(full_model(x), y).backward()
@@ -158,7 +165,7 @@ def test_gradient_accumulation_applies_mechanisms_once_per_step():
             (nn.functional.cross_entropy(acc_model(x[part]), y[part]) / 2).backward()
         acc_opt.step()
         acc_opt.zero_grad()
-    assert acc_opt.steps == acc_opt.average.count == 5
+    assert acc_opt.steps == acc_opt.mechanism("average").count == 5
     assert sum(perturbations) == 4  # once per step from the second step (momentum) on
     assert_same(weights(acc_model), weights(full_model))
 

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import deepopt
+from deepopt.experimental import WeightNoise
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo unavailable"
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # average_every=1: the average folds in every step (the default recipe's 4 would fold none of
 # these 4 steps after the first), so the evaluation weights compared and the folds counted
 # cover every step.
-SETTINGS = {"rho": 0.1, "noise": 0.05, "average": "ema", "ema_decay": 0.9, "average_every": 1}
+SETTINGS = {"rho": 0.1, "average": "ema", "ema_decay": 0.9, "average_every": 1}
+NOISE = 0.05  # deepopt.experimental.WeightNoise, on top of SETTINGS
 
 
 def free_port() -> int:
@@ -98,20 +100,21 @@ def snapshot(model: nn.Module, opt) -> dict:
     model.eval()
     evals = [t.clone() for t in model.state_dict().values()]
     model.train()
-    return {"params": params, "eval": evals, "steps": opt.steps, "calibrated": opt.calibrated,
-            "avg_count": opt.average.count}
+    return {"params": params, "eval": evals, "steps": opt.steps, "calibrated": opt.mechanism("calibrate").calibrated,
+            "avg_count": opt.mechanism("average").count}
 
 
 def count_perturbations(opt) -> list[int]:
     """Count the perturbations actually applied (none before the optimizer has momentum)."""
     calls = [0]
-    perturb = opt._perturb
+    show = opt.show
 
-    def counted():
-        perturb()
-        calls[0] += opt._view == "perturbed"
+    def counted(view):
+        was = opt.views.current
+        show(view)
+        calls[0] += view == "perturbed" != was and opt.views.current == "perturbed"
 
-    opt._perturb = counted
+    opt.show = counted
     return calls
 
 
@@ -136,11 +139,11 @@ def scenario(name: str, rank: int, world: int) -> dict:
     model = factory()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if name == "before":
-        model, opt = deepopt.activate(model, opt, **SETTINGS)
+        model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
         ddp = DDP(model)
     else:
         ddp = DDP(model)
-        _, opt = deepopt.activate(ddp, opt, **SETTINGS)
+        _, opt = deepopt.activate(ddp, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
     calls = count_perturbations(opt)
     seen = record_seen_weights(ddp.module[0])  # inside DDP's forward, after deepopt's hook
     train(ddp, opt, rank, world, accumulate=2 if name == "accumulate" else 1, ddp=ddp)
@@ -216,7 +219,7 @@ def single_process(name: str) -> dict:
     """The same run in one process, no torch.distributed, full global batches."""
     model = (vanishing if name == "calibrate" else mlp)()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, **SETTINGS)
+    model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
     train(model, opt, rank=0, world=1, accumulate=2 if name == "accumulate" else 1)
     return snapshot(model, opt)
 

@@ -98,7 +98,7 @@ def test_train_uses_deepopt_and_evaluate_uses_the_evaluation_weights(tmp_path):
     trainer.train()
     opt = callback.optimizer
     assert isinstance(opt, deepopt.DeepOptimizer) and trainer.optimizer.optimizer is opt
-    assert opt.steps == opt.average.count == STEPS
+    assert opt.steps == opt.mechanism("average").count == STEPS
     assert trainer.lr_scheduler.optimizer.param_groups is opt.param_groups
     assert opt.param_groups[0]["lr"] < 5e-3  # the Trainer's linear schedule drove the LR
 
@@ -136,9 +136,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     # the checkpoint's model file holds the evaluation weights at step 3
     on_disk = transformers.BertForSequenceClassification.from_pretrained(str(ckpt)).state_dict()
     params = [p for p in first.model.parameters()]
-    n = len(saved["deepopt"]["average"]["tensors"])
+    n = len(saved["deepopt"]["mechanisms"]["average"]["tensors"])
     assert n == len(params) + len(list(first.model.buffers()))
-    word_embeddings = saved["deepopt"]["average"]["tensors"][0]
+    word_embeddings = saved["deepopt"]["mechanisms"]["average"]["tensors"][0]
     assert torch.equal(on_disk["bert.embeddings.word_embeddings.weight"], word_embeddings)
 
     resumed_cb = DeepOpt(**SETTINGS)
@@ -153,25 +153,27 @@ def test_gradient_accumulation_and_bf16_step_once_per_optimizer_step(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[callback], gradient_accumulation_steps=2, bf16=True,
                            max_grad_norm=0.5)
     perturbations = []
-    perturb = None
+    show = None
 
-    def counted():
-        perturb()
-        perturbations.append(callback.optimizer._view == "perturbed")
+    def counted(view):
+        was = callback.optimizer.views.current
+        show(view)
+        if view == "perturbed" != was:
+            perturbations.append(callback.optimizer.views.current == "perturbed")
 
     original_begin = callback.on_train_begin
 
     def begin(*args, **kwargs):
-        nonlocal perturb
+        nonlocal show
         original_begin(*args, **kwargs)
-        perturb = callback.optimizer._perturb
-        callback.optimizer._perturb = counted
+        show = callback.optimizer.show
+        callback.optimizer.show = counted
 
     callback.on_train_begin = begin
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     opt = callback.optimizer
-    assert opt.steps == opt.average.count == STEPS
+    assert opt.steps == opt.mechanism("average").count == STEPS
     assert sum(perturbations) == STEPS - 1  # one per optimizer step once momentum exists
 
 

@@ -127,9 +127,9 @@ def test_fit_equals_a_plain_deepopt_loop_and_validates_on_evaluation_weights(tmp
     assert_same(weights(module), weights(plain_loop(epochs=2)))
 
     # the last validation ran after the last step: it saw the evaluation weights
-    ema_first_weight = opt.average.tensors[0]
+    ema_first_weight = opt.mechanism("average").tensors[0]
     assert torch.equal(module.seen_in_validation[-1], ema_first_weight)
-    assert not torch.equal(ema_first_weight, opt._train_values()[0])
+    assert not torch.equal(ema_first_weight, opt.views.train_values(opt.eval_targets())[0])
     # and so does a validate() after fit
     module.seen_in_validation.clear()
     trainer(tmp_path, epochs=1).validate(module, loader(), verbose=False)
@@ -152,7 +152,7 @@ def test_accumulation_clipping_scheduler_and_bf16_mixed_equal_the_plain_loop(tmp
     module, callback = Net(scheduler=True), DeepOpt(**SETTINGS)
     trainer(tmp_path, epochs=2, callbacks=[callback], accumulate_grad_batches=2,
             gradient_clip_val=0.05, precision="bf16-mixed").fit(module, loader())
-    assert callback.optimizer.steps == callback.optimizer.average.count == BATCHES  # 2 epochs / 2
+    assert callback.optimizer.steps == callback.optimizer.mechanism("average").count == BATCHES  # 2 epochs / 2
     reference = plain_loop(epochs=2, accumulate=2, clip=0.05, bf16=True, scheduler=True)
     assert_same(weights(module), weights(reference), tol=1e-6)
 

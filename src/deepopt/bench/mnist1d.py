@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     split = "validation" if args.validation else "test"
     out = args.out or Path(f"benchmarks/results/mnist1d{'-val' if args.validation else ''}.jsonl")
+    from deepopt.experimental import legacy_kwargs
     from deepopt.recipes import resolve
 
     try:
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if not all(isinstance(d, dict) for d in settings_list):
             raise ValueError("a value is not a JSON object")
         for d in settings_list:  # refuse a bad name or value before hours of training
-            resolve("default", d)
+            kw = legacy_kwargs(d)
+            kw.pop("mechanisms", None)
+            resolve(kw.pop("recipe", "default"), kw)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         p.error(f"--settings takes JSON objects of deepopt settings, e.g. '{{\"noise\": 0.1}}': {e}")
     done = set()

@@ -68,17 +68,16 @@ def step_costs(net: int | str, settings: dict, steps: int = 300, block: int = 25
     """
     import deepopt
     from deepopt.bench.nets import build_net
-    from deepopt.recipes import resolve
+    from deepopt.experimental import legacy_kwargs
 
     from .train import LR, MOMENTUM, WEIGHT_DECAY
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64 * block, *((64,) if net == "mlp" else (3, 32, 32)), generator=g)
     y = torch.randint(0, 10, (64 * block,), generator=g)
-    overrides = {k: v for k, v in settings.items() if k != "recipe"}
     # Exact SAM runs only through step(closure); both arms take that form so that the
     # ratio prices the second pass (for plain SGD it is the same computation).
-    closure = resolve(settings.get("recipe", "default"), overrides).sam_rho > 0
+    closure = None
     runs = []
     for activated in (False, True):
         torch.manual_seed(seed)
@@ -88,7 +87,8 @@ def step_costs(net: int | str, settings: dict, steps: int = 300, block: int = 25
             model = build_net(net)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         if activated:
-            model, opt = deepopt.activate(model, opt, **settings)
+            model, opt = deepopt.activate(model, opt, **legacy_kwargs(settings))
+            closure = any(m.needs_closure for m in opt.mechanisms)
         runs.append((model, opt))
 
     def stepper(model, opt):

@@ -278,8 +278,9 @@ def run(
     )
     if kind == "activate":
         import deepopt  # only activated runs depend on the framework
+        from deepopt.experimental import legacy_kwargs  # the ablation's rows use 0.1's knobs
 
-        model, optimizer = deepopt.activate(model, optimizer, **kwargs)
+        model, optimizer = deepopt.activate(model, optimizer, **legacy_kwargs(kwargs))
     # The protocol's schedule in every mode, SWA included: SWA's authors pair it with a
     # constant or cyclic LR (SWALR), but the seed6 schedule is fixed by the protocol (the
     # same in every mode), so SWA here averages along it, without SWALR.

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepopt.experimental import legacy_kwargs
 from deepopt.mechanisms.average import WeightAverage, average_, power_gamma
 
 __all__ = ["SETUPS", "OBSERVERS", "Setup", "load_data", "run_setup", "main"]
@@ -602,7 +603,7 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
     kwargs, closure = _activate_kwargs(mode)
     opt = base
     if kwargs is not None:
-        model, opt = deepopt.activate(model, base, **kwargs)
+        model, opt = deepopt.activate(model, base, **legacy_kwargs(kwargs))
     observers = (observers or {}) if mode == "classical" else {}
     obs = {name: make(model, per_epoch) for name, (make, _) in observers.items()}
     with torch.random.fork_rng():  # the scratch net's init must not move the RNG of dropout
@@ -693,7 +694,7 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
         model = setup.net()
         opt = base = setup.optimizer(model.parameters())
         if activated and kwargs is not None:
-            model, opt = deepopt.activate(model, base, **kwargs)
+            model, opt = deepopt.activate(model, base, **legacy_kwargs(kwargs))
         runs.append((model, opt))
     gen = torch.Generator().manual_seed(0)
 

@@ -121,7 +121,7 @@ class DeepOpt(TrainerCallback):
 
     def _show_evaluation_weights(self, control: TrainerControl, model: nn.Module | None) -> None:
         opt = self.optimizer
-        if control.should_save and model is not None and opt is not None and opt.average is not None:
+        if control.should_save and model is not None and opt is not None and opt.has_eval_view:
             model.eval()  # the checkpoint's model file gets the evaluation weights
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -138,7 +138,7 @@ class DeepOpt(TrainerCallback):
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         """Leave the model showing its evaluation weights (eval mode) for saving and inference."""
         opt = self.optimizer
-        if model is not None and opt is not None and opt.average is not None:
+        if model is not None and opt is not None and opt.has_eval_view:
             model.eval()
 
 

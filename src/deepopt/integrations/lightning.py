@@ -99,15 +99,15 @@ class DeepOpt(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         """Show the perturbed weights, also to ``training_step``s that never call ``self(...)``."""
         opt = self.optimizer
-        if opt is not None and opt.calibrated is not None:  # else the first self(...) calibrates first
-            opt._show("perturbed" if opt.settings.rho > 0 else "train")
+        if opt is not None and self._calibration_pending() is None:  # else the first self(...) calibrates first
+            opt.show("perturbed")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         """Give up calibrating if the first batch never went through the module's ``forward``."""
-        opt = self.optimizer
-        if opt is not None and opt.calibrated is None:
-            opt.calibrated = False
+        calibration = self._calibration_pending()
+        if calibration is not None:
+            calibration.calibrated = False
             rank_zero_warn(
                 "deepopt: start-up calibration skipped because training_step did not call the "
                 "LightningModule itself (self(x)); the other mechanisms are active."
@@ -116,12 +116,12 @@ class DeepOpt(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Leave the training weights in place."""
         if self.optimizer is not None:
-            self.optimizer._show("train")
+            self.optimizer.show("train")
 
     def _show_eval(self, *_: Any) -> None:
         """Show the evaluation weights (validation, test and predict batches)."""
         if self.optimizer is not None:
-            self.optimizer._show("eval")
+            self.optimizer.show("eval")
 
     on_validation_batch_start = _show_eval
     on_test_batch_start = _show_eval
@@ -131,16 +131,19 @@ class DeepOpt(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         """Store the evaluation weights as the checkpoint's ``state_dict``."""
-        opt = self.optimizer
-        if opt is None or opt.average is None or opt.average.tensors is None:
+        opt, state = self.optimizer, checkpoint.get("state_dict")
+        if opt is None or not opt.has_eval_view or state is None:
             return
-        targets = opt._eval_targets()
-        if len(targets) != len(opt.average.tensors):
-            return
-        average = {id(t): a for t, a in zip(targets, opt.average.tensors)}
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        for key, tensor in pl_module.state_dict(keep_vars=True).items():
-            if key in state and id(tensor) in average:
-                state[key] = average[id(tensor)].detach().clone()
+        training = pl_module.training
+        pl_module.eval()  # state_dict() in eval mode holds the evaluation weights
+        try:
+            evaluation = pl_module.state_dict()
+        finally:
+            pl_module.train(training)
+        for key in state.keys() & evaluation.keys():
+            state[key] = evaluation[key].detach().clone()
+
+    def _calibration_pending(self) -> Any:
+        """The calibration mechanism while it waits for the module's first forward, else ``None``."""
+        calibration = None if self.optimizer is None else self.optimizer.mechanism("calibrate")
+        return calibration if calibration is not None and calibration.calibrated is None else None

@@ -27,8 +27,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .base import Mechanism
 
 __all__ = ["ema_decay", "power_gamma", "power_weight", "lr_window", "average_", "WeightAverage"]
 
@@ -123,8 +127,8 @@ def average_(avg: list[Tensor], new: list[Tensor], weight: float) -> None:
             a.copy_(n)
 
 
-class WeightAverage:
-    """Running average of a list of tensors (parameters, then buffers).
+class WeightAverage(Mechanism):
+    """Running average of a list of tensors (parameters, then buffers); what ``eval()`` shows.
 
     Args:
         kind: ``"ema"``, ``"power"`` or ``"phase"`` (see the module docstring).
@@ -134,6 +138,9 @@ class WeightAverage:
             ``decay ** every``, the same horizon in steps): ``1/every`` of the cost.
         width: the power-function EMA's relative width ``sigma_rel`` (``"power"``).
         follows_lr: shrink the window with the LR (:func:`lr_window`).
+        restart: when the learning rate changes (an LR drop), training continues from the
+            averaged weights (SWA's point fine-tuned at the new LR). Measured to lose on
+            some nets (BENCHMARKS.md, section 1): an experimental option.
 
     Example:
         >>> import torch
@@ -144,18 +151,38 @@ class WeightAverage:
         tensor([2.])
     """
 
+    name = "average"
+    has_eval_view = True
+    unsafe_when_sharded = "the evaluation view swaps whole tensors"
+
     def __init__(self, kind: str = "ema", decay: float = 0.999, warmup: bool = True, every: int = 1,
-                 width: float = 0.05, follows_lr: bool = False) -> None:
+                 width: float = 0.05, follows_lr: bool = False, restart: bool = False) -> None:
+        if kind not in ("ema", "power", "phase"):
+            raise ValueError(f"kind={kind!r} is invalid: use 'ema', 'power' or 'phase'.")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay={decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is invalid: it must be an integer >= 1.")
         self.kind = kind
         self.decay = decay
         self.warmup = warmup
         self.every = every
+        self.width = width
         self.gamma = power_gamma(width) if kind == "power" else 0.0
         self.follows_lr = follows_lr
+        self.restart = restart
         self.calls = 0  # calls since the last fold
         self.tensors: list[Tensor] | None = None
         self.count = 0  # updates folded into the current average
         self.lr: float | None = None  # LR of the current phase ("phase" kind)
+        self.last_lr: float | None = None  # LR of the last update (restart)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> WeightAverage | None:
+        if not settings.average:
+            return None
+        return cls(settings.average, settings.ema_decay, every=settings.average_every,
+                   width=settings.average_width, follows_lr=settings.average_follows_lr)
 
     def weight(self, lr: float | None, max_lr: float | None) -> float:
         """Weight of the next iterate folded in (the average holds ``count`` already)."""
@@ -190,11 +217,55 @@ class WeightAverage:
             average_(self.tensors, current, weight)
         self.count += 1
 
+    # -- events ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.restart:
+            return
+        lr = opt.lr  # at an LR change, continue training from the average (before this forward)
+        if self.last_lr is None or lr == self.last_lr:
+            return
+        self.last_lr = lr
+        targets = opt.eval_targets()
+        if self.tensors is not None and len(targets) == len(self.tensors):
+            opt.show("train")
+            torch._foreach_copy_(targets, self.tensors)
+
+    def after_update(self, opt: Any) -> None:
+        lr = opt.lr
+        self.last_lr = lr
+        self.update(opt.eval_targets(), lr=lr, max_lr=opt.max_lr)
+
+    @torch.no_grad()
+    def show_eval(self, opt: Any, targets: list[Tensor]) -> None:
+        if self.tensors is not None and len(targets) == len(self.tensors):
+            opt.views.enter(targets, "eval")
+            torch._foreach_copy_(targets, self.tensors)
+
+    def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
+        if not resumed:
+            self.tensors = None  # new weights: the average restarts from them
+
     def state_dict(self) -> dict:
-        return {"tensors": self.tensors, "count": self.count, "lr": self.lr, "calls": self.calls}
+        return {"tensors": self.tensors, "count": self.count, "lr": self.lr, "calls": self.calls,
+                "last_lr": self.last_lr}
 
     def load_state_dict(self, state: dict) -> None:
         tensors = state["tensors"]
         self.tensors = None if tensors is None else [t.clone() for t in tensors]
         self.count, self.lr = int(state["count"]), state["lr"]
         self.calls = int(state.get("calls", 0))
+        self.last_lr = state.get("last_lr")
+
+    @property
+    def label(self) -> str:
+        return "weight averaging"
+
+    def describe(self) -> str:
+        rule = {"ema": f"EMA {self.decay}", "power": f"power-function EMA, width {self.width}",
+                "phase": "uniform within each LR phase"}[self.kind]
+        return f"weight averaging ({rule}; {self.count} updates folded in)"
+
+    def __repr__(self) -> str:
+        return (f"WeightAverage(kind={self.kind!r}, decay={self.decay}, every={self.every}, width={self.width}, "
+                f"follows_lr={self.follows_lr}, restart={self.restart})")

@@ -40,7 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["layer_output_stds", "signal_ratio", "calibrate_"]
+from .base import Mechanism
+
+__all__ = ["layer_output_stds", "signal_ratio", "calibrate_", "Calibration"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -132,3 +134,68 @@ def calibrate_(
                 break
             layer.weight.div_(std[0])
     return True
+
+
+class Calibration(Mechanism):
+    """Calibrates on the first training batch (:func:`calibrate_`), only if the signal vanishes.
+
+    ``calibrated`` is ``None`` until decided (a batch with non-finite activations leaves it
+    undecided), then whether the weights were rescaled.
+
+    Args:
+        threshold: vanishing/exploding limit of the last/first layer output std ratio.
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> _ = model(torch.randn(8, 4))
+        >>> opt.mechanism("calibrate").calibrated  # this net's signal propagates
+        False
+    """
+
+    name = "calibrate"
+    unsafe_when_sharded = "it rescales whole layer weights"
+
+    def __init__(self, threshold: float = 1e-3) -> None:
+        self.threshold = threshold
+        self.calibrated: bool | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Calibration | None:
+        return cls(settings.calibrate_threshold) if settings.calibrate else None
+
+    @torch.no_grad()
+    def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.calibrated is not None:
+            return
+        # Measuring must not change the trajectory of a net that needs no calibration:
+        # keep the RNG (dropout) and the BatchNorm running statistics as they were.
+        rng = torch.get_rng_state()
+        buffers = list(module.buffers())
+        saved = [b.clone() for b in buffers]
+        try:
+            with opt.hold():
+                # A torch.compile'd module is measured through its original module, eagerly.
+                self.calibrated = calibrate_(getattr(module, "_orig_mod", module), args, kwargs, self.threshold)
+        finally:
+            torch.set_rng_state(rng)
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"calibrated": self.calibrated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calibrated = state["calibrated"]
+
+    @property
+    def label(self) -> str:
+        return "start-up calibration"
+
+    def describe(self) -> str:
+        done = {None: "not yet decided", True: "rescaled the init", False: "not needed"}[self.calibrated]
+        return f"start-up calibration ({done})"
+
+    def __repr__(self) -> str:
+        return f"Calibration(threshold={self.threshold})"

@@ -39,11 +39,14 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
+
+from .base import Mechanism
 
 __all__ = ["has_dropout", "weighted_layers", "batch_size", "matched_scales", "DropoutMatch"]
 
@@ -180,8 +183,12 @@ def matched_scales(
     return scales, keep
 
 
-class DropoutMatch:
-    """The factors in use and the step they were measured at (thin state of :func:`matched_scales`).
+class DropoutMatch(Mechanism):
+    """Evaluates a dropout net at weights rescaled by :func:`matched_scales`, where kept.
+
+    Measured on the last full training batch at the first evaluation after new steps;
+    ``scales`` are the factors in use, ``keep`` whether they are, ``step`` the step count
+    they were measured at. Attached only to models with dropout.
 
     Example:
         >>> state = DropoutMatch()
@@ -189,10 +196,25 @@ class DropoutMatch:
         (True, {'scales': None, 'keep': False, 'step': -1})
     """
 
+    name = "dropout_match"
+
+    @property
+    def has_eval_view(self) -> bool:  # type: ignore[override]
+        return not self.off
+
     def __init__(self) -> None:
         self.scales: list[float] | None = None
         self.keep = False
         self.step = -1
+        self.off = False  # the model cannot run a training batch in eval mode
+        self._last_batch: tuple[tuple, dict] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DropoutMatch | None:
+        return cls() if settings.dropout_match else None
+
+    def attach(self, opt: Any) -> bool:
+        return has_dropout(opt.model)
 
     @torch.no_grad()
     def apply_(self, layers: list[nn.Module]) -> None:
@@ -205,9 +227,55 @@ class DropoutMatch:
                 if isinstance(layer.bias, Tensor):
                     layer.bias.mul_(s)
 
+    # -- events ------------------------------------------------------------------------------
+    def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # An epoch's short last batch would make a noisy measurement: keep the one before
+        # it (any training inputs will do; the weights measured are current).
+        if self._last_batch is None or 2 * batch_size(args, kwargs) >= batch_size(*self._last_batch):
+            self._last_batch = (args, kwargs)
+
+    def show_eval(self, opt: Any, targets: list[Tensor]) -> None:
+        measure = self.step != opt.steps and self._last_batch is not None and not self.off
+        if not measure and not self.keep:  # every eval forward passes here: keep it cheap
+            return
+        model = getattr(opt.model, "_orig_mod", opt.model)
+        layers = weighted_layers(model, {id(p) for p in opt.params()})
+        if measure:
+            cuda = sorted({t.device.index or 0 for t in targets if t.is_cuda})
+            try:
+                # The dropout samples must not move the user's RNG (the training trajectory).
+                with opt.hold(), torch.random.fork_rng(devices=cuda):
+                    self.scales, self.keep = matched_scales(model, *self._last_batch, layers=layers)
+                self.step = opt.steps
+            except Exception as e:  # noqa: BLE001 - the user's evaluation must go on
+                # A model that cannot run a training batch in eval mode: evaluate it plainly.
+                self.off, self.keep = True, False
+                warnings.warn(
+                    f"deepopt: dropout-matched evaluation is off for this run: the model raised "
+                    f"{type(e).__name__}: {e} on its last training batch in eval mode. Evaluation "
+                    "uses the plain weights; pass dropout_match=False to activate() to silence this.",
+                    stacklevel=2,
+                )
+                return
+        if self.keep:
+            if opt.views.current != "eval":
+                opt.views.enter(targets, "eval")
+            self.apply_(layers)
+
+    def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
+        if not resumed:
+            self.step = -1  # new weights: measure again
+
     def state_dict(self) -> dict:
         return {"scales": None if self.scales is None else list(self.scales), "keep": self.keep, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.scales = None if state["scales"] is None else [float(s) for s in state["scales"]]
         self.keep, self.step = bool(state["keep"]), int(state["step"])
+
+    @property
+    def label(self) -> str:
+        return "dropout-matched evaluation"
+
+    def describe(self) -> str:
+        return f"dropout-matched evaluation ({'rescaled' if self.keep else 'plain'} weights)"

@@ -16,9 +16,12 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .base import Mechanism
 
 __all__ = ["all_finite", "DivergenceGuard", "DivergenceError"]
 
@@ -80,8 +83,11 @@ def _finite_by_norms(tensors: list[Tensor]) -> bool:
     return math.isfinite(torch.stack(norms).sum().item())
 
 
-class DivergenceGuard:
-    """Counts skipped steps; raises after ``max_consecutive`` in a row.
+class DivergenceGuard(Mechanism):
+    """Skips updates with a non-finite loss or gradient; raises after ``max_consecutive`` in a row.
+
+    A skipped step also puts back the buffers (BatchNorm statistics) as they were before
+    that step's first training forward: it leaves no trace.
 
     Example:
         >>> g = DivergenceGuard(max_consecutive=2)
@@ -89,12 +95,23 @@ class DivergenceGuard:
         1
     """
 
+    name = "guard"
+    needs_one_pass = True
+    unsafe_when_sharded = "each rank would decide from its own shard"
+
     def __init__(self, max_consecutive: int = 20) -> None:
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
+        self._snapshot: list[Tensor] = []
+        self._snapshot_taken = False  # buffers saved since the last update
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DivergenceGuard | None:
+        return cls(settings.max_skips) if settings.guard else None
 
     def record(self, ok: bool) -> None:
+        """Count one step, skipped unless ``ok``; raise :class:`DivergenceError` at the limit."""
         if ok:
             self.consecutive = 0
             return
@@ -108,8 +125,53 @@ class DivergenceGuard:
                 "log(0) / division by zero (raise the limit with max_skips=...)."
             )
 
+    @torch.no_grad()
+    def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._snapshot_taken:
+            return
+        buffers = opt.buffers()
+        if len(self._snapshot) != len(buffers) or any(
+            s.shape != b.shape or s.dtype != b.dtype or s.device != b.device for s, b in zip(self._snapshot, buffers)
+        ):
+            self._snapshot = [b.detach().clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(self._snapshot, [b.detach() for b in buffers])
+        self._snapshot_taken = True
+
+    def accept(self, opt: Any, loss: Any) -> bool:
+        ok = loss is None or not isinstance(loss, Tensor) or bool(torch.isfinite(loss.detach()).all())
+        ok = ok and all_finite([p.grad for p in opt.params() if p.grad is not None])
+        if not ok and self._snapshot_taken:
+            # A NaN batch would otherwise leave NaN running statistics in BatchNorm (and so in
+            # every later evaluation) although its update was skipped. Before record(), which may raise.
+            buffers = opt.buffers()
+            if len(buffers) == len(self._snapshot) and buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, self._snapshot)
+        if not ok:
+            self._snapshot_taken = False
+        self.record(ok)
+        return ok
+
+    def after_update(self, opt: Any) -> None:
+        self._snapshot_taken = False
+
+    def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
+        self._snapshot_taken = False
+
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self._snapshot_taken = False
+
+    @property
+    def label(self) -> str:
+        return "the divergence guard"
+
+    def describe(self) -> str:
+        return f"the divergence guard ({self.skipped} steps skipped)"
+
+    def __repr__(self) -> str:
+        return f"DivergenceGuard(max_consecutive={self.max_consecutive})"

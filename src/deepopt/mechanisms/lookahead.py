@@ -18,8 +18,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from .base import Mechanism
 
 __all__ = ["sync_", "Lookahead"]
 
@@ -38,8 +42,14 @@ def sync_(slow: list[Tensor], fast: list[Tensor], alpha: float) -> None:
     torch._foreach_copy_(fast, slow)
 
 
-class Lookahead:
-    """Keeps the slow weights; call :meth:`after_step` after every optimizer step.
+class Lookahead(Mechanism):
+    """Keeps the slow weights; :meth:`after_step` after every optimizer step (experimental).
+
+    Measured no better than the plain run on the seed's nets (BENCHMARKS.md, section 1).
+
+    Args:
+        k: sync every ``k`` steps, >= 1.
+        alpha: the slow weights' step towards the fast ones, in (0, 1].
 
     Example:
         >>> import torch
@@ -50,7 +60,14 @@ class Lookahead:
         (tensor([1.]), 0)
     """
 
+    name = "lookahead"
+    unsafe_when_sharded = ""  # elementwise: a shard syncs as the whole would
+
     def __init__(self, k: int = 5, alpha: float = 0.5) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} is invalid: it must be an integer >= 1, e.g. 5.")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha={alpha!r} is invalid: it must lie in (0, 1], e.g. 0.5.")
         self.k, self.alpha = k, alpha
         self.slow: list[Tensor] | None = None
         self.count = 0
@@ -65,9 +82,24 @@ class Lookahead:
             sync_(self.slow, fast, self.alpha)
             self.count = 0
 
+    @classmethod
+    def example(cls) -> Lookahead:
+        return cls(k=3)
+
+    def after_update(self, opt: Any) -> None:
+        self.after_step(opt.params())
+
     def state_dict(self) -> dict:
         return {"slow": self.slow, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.slow = None if state["slow"] is None else [t.clone() for t in state["slow"]]
         self.count = int(state["count"])
+
+    @property
+    def label(self) -> str:
+        return f"Lookahead (k={self.k}, alpha={self.alpha})"
+
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha})"

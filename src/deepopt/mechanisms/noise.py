@@ -25,8 +25,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from .base import Mechanism, Perturbation
 
 __all__ = ["filter_noise", "WeightNoise"]
 
@@ -60,8 +64,16 @@ def filter_noise(weights: list[Tensor], sigma: float, generator: torch.Generator
     return out
 
 
-class WeightNoise:
-    """Owns the noise source; its state makes a resumed run draw the same noise.
+class WeightNoise(Mechanism):
+    """Each training forward runs at ``w + e``, ``e`` Gaussian scaled per output unit (experimental).
+
+    Measured no better than the plain run across the seed's nets and MNIST-1D
+    (BENCHMARKS.md, section 1). Its state makes a resumed run draw the same noise.
+
+    Args:
+        sigma: std of the noise relative to each output unit's weight RMS, > 0.
+        seed: seeds deepopt's own generator (default ``torch.initial_seed()``, read without
+            drawing from, and so moving, the global RNG).
 
     Fresh Gaussian draws cost about 10 ns per weight on a CPU, as much as a whole
     training step of an MLP. So, as evolution strategies do (Salimans et al. 2017), one
@@ -82,11 +94,34 @@ class WeightNoise:
     #: same value twice in a row.
     TABLE = 1 << 21
 
-    def __init__(self, sigma: float, seed: int) -> None:
+    name = "noise"
+    needs_one_pass = True
+    perturbs = True
+    unsafe_when_sharded = "its scale is a norm over whole output units"
+
+    def __init__(self, sigma: float, seed: int | None = None) -> None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ValueError(f"sigma={sigma!r} is invalid: it must be a number > 0, e.g. 0.1.")
         self.sigma = sigma
-        self.seed = seed
+        self.seed = torch.initial_seed() if seed is None else seed
         self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._offsets = torch.Generator().manual_seed(seed)  # CPU: offsets are host integers
+        self._offsets = torch.Generator().manual_seed(self.seed)  # CPU: offsets are host integers
+
+    @classmethod
+    def example(cls) -> WeightNoise:
+        return cls(0.1)
+
+    def perturbation(self, opt: Any) -> Perturbation | None:
+        params = opt.params()
+        return (params, self.sample(params), 1.0) if params else None
+
+    @property
+    def label(self) -> str:
+        return f"the weight noise (noise={self.sigma})"
+
+
+    def __repr__(self) -> str:
+        return f"WeightNoise(sigma={self.sigma}, seed={self.seed})"
 
     def _table(self, w: Tensor) -> Tensor:
         key = (w.device, w.dtype)

@@ -27,10 +27,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["perturbation", "unit_scale", "direction", "warmed_up"]
+from .base import Mechanism, Perturbation
+
+__all__ = ["perturbation", "unit_scale", "direction", "warmed_up", "MomentumPerturbation"]
 
 
 @torch.no_grad()
@@ -119,3 +123,92 @@ def direction(state: dict) -> tuple[Tensor | None, float]:
         if isinstance(buf, Tensor):
             return buf, -1.0
     return None, 0.0
+
+
+class MomentumPerturbation(Mechanism):
+    """Each training forward runs at ``w + e``, ``e`` along the optimizer's momentum (zero extra passes).
+
+    Where the optimizer keeps no momentum, the last gradient stands in, with SAM's sign.
+
+    Args:
+        rho: the radius ``||e||``, > 0.
+        follows_lr: scale ``rho`` by ``lr / (largest lr so far)``, so the perturbation
+            shrinks with the schedule (experimental).
+        ascent: perturb along ``+m`` (uphill, SAM's sign with the momentum standing in for
+            the gradient) instead of ``-m`` (experimental; BENCHMARKS.md, section 1).
+        adaptive: scale-adaptive radius (ASAM), per weight ``|w| + 0.01`` (experimental).
+
+    Example:
+        >>> import torch, deepopt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model, opt = deepopt.activate(model, opt, recipe="safe", rho=0.05)
+        >>> opt.mechanism("perturb")
+        MomentumPerturbation(rho=0.05, follows_lr=False, ascent=False, adaptive=False)
+    """
+
+    name = "perturb"
+    needs_one_pass = True
+    perturbs = True
+    unsafe_when_sharded = "its norm would be each rank's shard's norm"
+
+    def __init__(self, rho: float, follows_lr: bool = False, ascent: bool = False, adaptive: bool = False) -> None:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+            raise ValueError(f"rho={rho!r} is invalid: it must be a number > 0, e.g. 0.05.")
+        self.rho, self.follows_lr, self.ascent, self.adaptive = float(rho), follows_lr, ascent, adaptive
+        self.grads: list[Tensor | None] = []  # the last gradients, where no momentum is kept
+        self._momentum: bool | None = None  # whether the base optimizer keeps a momentum
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> MomentumPerturbation | None:
+        return cls(settings.rho) if settings.rho > 0 else None
+
+    @classmethod
+    def example(cls) -> MomentumPerturbation:
+        return cls(0.1)
+
+    def perturbation(self, opt: Any) -> Perturbation | None:
+        lr = opt.lr
+        max_lr = max(opt.max_lr, lr)  # max_lr is set after an update: a skipped step leaves no trace
+        rho = self.rho * (lr / max_lr if self.follows_lr and max_lr > 0 else 1.0)
+        if rho <= 0:
+            return None
+        params = opt.params()
+        last = self.grads if len(self.grads) == len(params) else [None] * len(params)
+        tensors, dirs, sign = [], [], 1.0
+        for p, g in zip(params, last):
+            d, d_sign = direction(opt.optimizer.state.get(p, {}))
+            if d is None:
+                d, d_sign = g, 1.0
+            if d is not None:
+                tensors.append(p)
+                dirs.append(d)
+                sign = d_sign
+        if not tensors:
+            return None
+        sign = abs(sign) if self.ascent else sign
+        if self.adaptive:
+            return tensors, perturbation(dirs, rho, weights=tensors), sign
+        return tensors, dirs, sign * unit_scale(dirs, rho)  # perturbation()'s maths, without allocating e
+
+    def after_update(self, opt: Any) -> None:
+        if self._momentum is None:
+            self._momentum = any(direction(s)[0] is not None for s in opt.optimizer.state.values())
+        if not self._momentum:
+            self.grads = [None if p.grad is None else p.grad.clone() for p in opt.params()]
+
+    def state_dict(self) -> dict:
+        return {"grads": list(self.grads) if self.grads else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        grads = state.get("grads") or []
+        self.grads = [None if g is None else g.clone() for g in grads]
+
+    @property
+    def label(self) -> str:
+        return f"the weight perturbation (rho={self.rho})"
+
+
+    def __repr__(self) -> str:
+        return (f"MomentumPerturbation(rho={self.rho}, follows_lr={self.follows_lr}, ascent={self.ascent}, "
+                f"adaptive={self.adaptive})")

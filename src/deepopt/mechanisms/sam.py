@@ -1,0 +1,163 @@
+"""Exact two-pass SAM through ``optimizer.step(closure)`` (Foret et al., ICLR 2021).
+
+The closure's gradient ``g`` at ``w`` gives ``e = rho * g / ||g||`` (:func:`perturbation`);
+a second closure call at ``w + e`` leaves the gradient that drives the update. The user's
+update rule is untouched; only where its gradient is taken changes. Twice the compute.
+The radius ramps up over the first ``warmup`` steps (:func:`warmed_up`): at full radius
+from step 0 SAM killed the last hidden layer of the seed's 13-layer MLP on 2 of 3 seeds.
+
+Experimental variants (constructor arguments; BENCHMARKS.md, section 1, measures them):
+ASAM's scale-adaptive radius, SAM only within an LR range, and LookSAM (two passes every
+``every``-th step, the sharpness direction reused between; :mod:`.looksam`).
+
+Example:
+    >>> import torch, deepopt
+    >>> model = torch.nn.Linear(3, 1)
+    >>> model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="thorough")
+    >>> x = torch.ones(4, 3)
+    >>> def closure():
+    ...     opt.zero_grad(); loss = model(x).pow(2).mean(); loss.backward(); return loss
+    >>> _ = opt.step(closure)
+    >>> opt.mechanism("sam")
+    TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 1.0), every=1, reuse=0.0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Mechanism
+from .looksam import LookSAM, orthogonal_part, reuse_
+from .perturb import perturbation, warmed_up
+
+__all__ = ["TwoPassSAM"]
+
+
+class TwoPassSAM(Mechanism):
+    """Two-pass SAM on ``step(closure)``; a ``step()`` without a closure takes one plain pass.
+
+    Args:
+        rho: the radius, > 0 (0.05: Foret et al.'s CIFAR value).
+        warmup: ramp the radius from 0 to ``rho`` over the first ``warmup`` steps (0: no ramp).
+        adaptive: ASAM's scale-adaptive radius (experimental).
+        lr_range: ``(low, high)``: two passes only while ``lr / largest lr so far`` lies in
+            it, one plain pass elsewhere (experimental; ``(0, 1)`` is every LR).
+        every: two passes every ``every``-th step only (LookSAM; experimental).
+        reuse: LookSAM's ``alpha``, the weight of the reused sharpness direction on the
+            steps between (0: the plain gradient, periodic SAM; 0.7, LookSAM's value, was
+            measured unstable with SGD momentum).
+    """
+
+    name = "sam"
+    needs_closure = True
+    needs_one_pass = True
+    unsafe_when_sharded = "its norm would be each rank's shard's norm"
+
+    def __init__(self, rho: float = 0.05, warmup: int = 0, adaptive: bool = False,
+                 lr_range: tuple[float, float] = (0.0, 1.0), every: int = 1, reuse: float = 0.0) -> None:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+            raise ValueError(f"rho={rho!r} is invalid: it must be a number > 0, e.g. 0.05.")
+        low, high = lr_range
+        if not 0.0 <= low <= high <= 1.0 or high == 0.0:
+            raise ValueError(f"lr_range={lr_range!r} is invalid: it must be (low, high) with 0 <= low <= high <= 1, "
+                             "high > 0; (0, 1) runs SAM at every LR.")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is invalid: it must be an integer >= 1 (1 = every step).")
+        if not reuse >= 0:
+            raise ValueError(f"reuse={reuse!r} is invalid: it must be a number >= 0 (0 = periodic SAM).")
+        self.rho, self.warmup, self.adaptive = float(rho), warmup, adaptive
+        self.lr_range = (float(low), float(high))
+        self.every, self.reuse = every, reuse
+        self.look = LookSAM(every, reuse) if every > 1 else None
+        self._told = False  # said once that a step() without closure skips SAM
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TwoPassSAM | None:
+        return cls(settings.sam_rho, settings.sam_warmup) if settings.sam_rho > 0 else None
+
+    def claims_step(self, opt: Any, closure: Any) -> bool:
+        if closure is None:
+            if not self._told:
+                self._told = True
+                from ..hooks import say
+
+                say(f"{self.label} acts only through optimizer.step(closure); this "
+                    "step() got no closure, so SAM is skipped (here and at every step without one). "
+                    "Pass a closure that zeroes the grads, computes the loss, calls backward and returns the loss.")
+            return False
+        lr = opt.lr
+        max_lr = max(opt.max_lr, lr)
+        return self.lr_range[0] * max_lr <= lr <= self.lr_range[1] * max_lr
+
+    def run_step(self, opt: Any, closure: Any, kwargs: dict) -> Any:
+        params = opt.params()
+        opt.show("train")
+        look, ortho = self.look, None
+        try:
+            # The model hooks hold during the closures, but the first forward still starts a
+            # training step (calibration, the guard's buffer snapshot, dropout's batch).
+            with opt.hold(first_pass=True):
+                with torch.enable_grad():
+                    loss = closure()
+                if not opt.accept(loss):
+                    return loss
+                with_grad = [p for p in params if p.grad is not None]
+                if look is not None and not look.exact_now() and (look.alpha == 0 or len(look.ortho) == len(with_grad)):
+                    if look.alpha > 0:  # one pass only; alpha 0 keeps the plain gradient
+                        reuse_([p.grad for p in with_grad], look.ortho, look.alpha)
+                else:
+                    ortho = self._second_pass(opt, closure, with_grad)
+        finally:
+            opt.show("train")
+        if not opt.accept(None):
+            return loss
+        opt.base_step(kwargs)
+        opt.after_update()
+        if look is not None:
+            look.ortho = look.ortho if ortho is None else ortho  # kept only from a finite step
+            look.advance()
+        return loss
+
+    def _second_pass(self, opt: Any, closure: Any, with_grad: list[Tensor]) -> list[Tensor] | None:
+        """Leave in ``.grad`` the gradient at ``w + e``; return LookSAM's ``g_v`` (if reused)."""
+        grads = [p.grad for p in with_grad]
+        rho = warmed_up(self.rho, opt.steps, self.warmup)
+        e = perturbation(grads, rho, weights=with_grad if self.adaptive else None)
+        clean = [g.clone() for g in grads] if self.look is not None and self.look.alpha > 0 else None
+        buffers = opt.buffers()
+        saved_buffers = [b.clone() for b in buffers]
+        try:
+            opt.views.enter(with_grad, "perturbed")
+            with torch.no_grad():
+                torch._foreach_add_(with_grad, e)
+            opt.optimizer.zero_grad()
+            with torch.enable_grad():
+                closure()
+        finally:
+            # The second pass must not move BatchNorm running statistics, even if it raised.
+            with torch.no_grad():
+                for b, s in zip(buffers, saved_buffers):
+                    b.copy_(s)
+        if clean is None:
+            return None
+        sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
+        return orthogonal_part(sam_grads, clean)
+
+    def state_dict(self) -> dict:
+        return {} if self.look is None else self.look.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.look is not None and state:
+            self.look.load_state_dict(state)
+
+    @property
+    def label(self) -> str:
+        return f"two-pass SAM (sam_rho={self.rho})"
+
+
+    def __repr__(self) -> str:
+        return (f"TwoPassSAM(rho={self.rho}, warmup={self.warmup}, adaptive={self.adaptive}, "
+                f"lr_range={self.lr_range}, every={self.every}, reuse={self.reuse})")

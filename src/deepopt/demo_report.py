@@ -90,23 +90,16 @@ def _notes(result: dict[str, Any]) -> list[str]:
 
 
 def _per_step_mechanisms(settings: dict[str, Any]) -> list[str]:
-    """The mechanisms besides calibration and the guard that ``settings`` switch on."""
-    on = []
-    if settings.get("rho", 0) > 0:
-        on.append(f"the momentum-direction perturbation (rho={settings['rho']:g})")
-    if settings.get("noise", 0) > 0:
-        on.append(f"random weight perturbation (noise={settings['noise']:g})")
-    if settings.get("sam_rho", 0) > 0:
-        every = settings.get("sam_every", 1)
-        reuse = settings.get("sam_reuse", 0.7)
-        kind = ("exact two-pass SAM" if every == 1 else f"LookSAM (two passes every {every} steps)"
-                if reuse > 0 else f"periodic SAM (two passes every {every} steps)")
-        on.append(f"{kind} (sam_rho={settings['sam_rho']:g})")
-    if settings.get("lookahead_k", 0):
-        on.append(f"Lookahead (k={settings['lookahead_k']})")
-    if settings.get("average"):
-        on.append(f"weight averaging ({settings['average']}) for evaluation")
-    return on
+    """What ``settings`` (a row's, maybe with 0.1's knobs) switch on besides calibration and the guard."""
+    from .experimental import legacy_kwargs
+    from .mechanisms import compose
+    from .recipes import Settings
+
+    kw = legacy_kwargs({k: v for k, v in settings.items() if k != "recipe"})
+    extra = kw.pop("mechanisms", [])
+    known = {f for f in Settings.__dataclass_fields__}
+    chosen = compose(Settings(**{k: v for k, v in kw.items() if k in known}), extra)
+    return [m.label for m in chosen if m.name not in ("calibrate", "guard")]
 
 
 def _cause(result: dict[str, Any]) -> str:
@@ -118,7 +111,7 @@ def _cause(result: dict[str, Any]) -> str:
     skipped = sum(int(s["deepopt"].get("skipped_steps", 0)) for s in runs)
     # Averaging changes only which weights are evaluated: named beside the training causes.
     averaged = bool(settings.get("average"))
-    others = [m for m in _per_step_mechanisms(settings) if not m.startswith("weight averaging")]
+    others = [m for m in _per_step_mechanisms(settings) if m not in ("weight averaging", "dropout-matched evaluation")]
     causes = (["start-up calibration"] if cal else []) + (["the divergence guard"] if skipped else []) + others
     if not causes and averaged:
         return (f"What made the difference: weight averaging ({settings['average']}) alone: training "

@@ -84,6 +84,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         self.mechanisms = tuple(m for m in mechanisms if m.attach(self))
         self._by_event = {e: [m for m in self.mechanisms if getattr(type(m), e) is not getattr(Mechanism, e)]
                           for e in EVENTS}
+        self._train_forward, self._after = self._by_event["on_train_forward"], self._by_event["after_update"]
+        self.perturbs = bool(self._by_event["perturbation"])  # whether a training forward may be perturbed
         self._handles = [
             model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True),
             model.register_state_dict_pre_hook(ModelHook(self, "_on_state_dict")),
@@ -109,11 +111,6 @@ class DeepOptimizer(torch.optim.Optimizer):
         return [m for m in mechanisms if not m.needs_one_pass]
 
     # -- facts asked of the list ---------------------------------------------------------------
-    @property
-    def perturbs(self) -> bool:
-        """Whether a training forward may run at perturbed weights."""
-        return bool(self._by_event["perturbation"])
-
     @property
     def has_eval_view(self) -> bool:
         """Whether ``model.eval()`` may show other weights than the training ones."""
@@ -199,7 +196,10 @@ class DeepOptimizer(torch.optim.Optimizer):
 
     def accept(self, loss: Any = None) -> bool:
         """Whether every mechanism lets this update happen (the gradients are in ``.grad``)."""
-        return all(m.accept(self, loss) for m in self._by_event["accept"])
+        for m in self._by_event["accept"]:
+            if not m.accept(self, loss):
+                return False
+        return True
 
     def before_update(self, loss: Any = None) -> bool:
         """For drivers calling the base step themselves: training weights shown, then :meth:`accept`."""
@@ -212,8 +212,10 @@ class DeepOptimizer(torch.optim.Optimizer):
         """After the base optimizer's update: count it, then each mechanism's ``after_update``."""
         self.steps += 1
         self._pending_train_values = None
-        self.max_lr = max(self.max_lr, self.lr)
-        for m in self._by_event["after_update"]:
+        lr = self.lr
+        if lr > self.max_lr:
+            self.max_lr = lr
+        for m in self._after:
             m.after_update(self)
 
     @contextlib.contextmanager
@@ -283,7 +285,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             self.show("eval")
             return
         if grad:
-            for m in self._by_event["on_train_forward"]:
+            for m in self._train_forward:
                 m.on_train_forward(self, module, args, kwargs)
         self._params_stale = True  # requires_grad may have changed since the last forward
         self.show("perturbed" if grad and self.perturbs else "train")

@@ -218,7 +218,6 @@ class WeightAverage(Mechanism):
         self.count += 1
 
     # -- events ------------------------------------------------------------------------------
-    @torch.no_grad()
     def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.restart:
             return
@@ -229,7 +228,8 @@ class WeightAverage(Mechanism):
         targets = opt.eval_targets()
         if self.tensors is not None and len(targets) == len(self.tensors):
             opt.show("train")
-            torch._foreach_copy_(targets, self.tensors)
+            with torch.no_grad():
+                torch._foreach_copy_(targets, self.tensors)
 
     def after_update(self, opt: Any) -> None:
         lr = opt.lr

@@ -165,9 +165,8 @@ class Calibration(Mechanism):
     def from_settings(cls, settings: Any) -> Calibration | None:
         return cls(settings.calibrate_threshold) if settings.calibrate else None
 
-    @torch.no_grad()
     def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.calibrated is not None:
+        if self.calibrated is not None:  # every training forward passes here: keep it cheap
             return
         # Measuring must not change the trajectory of a net that needs no calibration:
         # keep the RNG (dropout) and the BatchNorm running statistics as they were.
@@ -175,7 +174,7 @@ class Calibration(Mechanism):
         buffers = list(module.buffers())
         saved = [b.clone() for b in buffers]
         try:
-            with opt.hold():
+            with opt.hold(), torch.no_grad():
                 # A torch.compile'd module is measured through its original module, eagerly.
                 self.calibrated = calibrate_(getattr(module, "_orig_mod", module), args, kwargs, self.threshold)
         finally:

@@ -93,7 +93,8 @@ def warmed_up(rho: float, step: int, warmup: int) -> float:
 def unit_scale(directions: list[Tensor], rho: float) -> float:
     """``rho / ||directions||`` (one global norm), so ``unit_scale(d, rho) * d`` has norm rho.
 
-    The hot path adds ``scale * d`` in place instead of allocating ``e``.
+    The hot path adds ``scale * d`` in place instead of allocating ``e``. The scale is read
+    on the host: one device-to-host sync per perturbed step (the perturbation's only one).
 
     Example:
         >>> import torch
@@ -206,7 +207,7 @@ class MomentumPerturbation(Mechanism):
 
     @property
     def label(self) -> str:
-        return f"the weight perturbation (rho={self.rho})"
+        return f"the momentum-direction perturbation (rho={self.rho})"
 
 
     def __repr__(self) -> str:

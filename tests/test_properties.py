@@ -1,4 +1,5 @@
-"""Property-based: random combinations of optimizer, param groups, recipe, overrides, model
+"""Property-based: random combinations of optimizer, param groups, recipe, overrides, a registered
+mechanism added through ``mechanisms=[...]`` (every one in REGISTRY is drawn), model
 family and dtype either train with finite weights or are rejected up front naming the argument.
 
 On every combination that trains:
@@ -31,6 +32,7 @@ from torch import nn
 import deepopt
 from conftest import LSTMNet, TransformerNet, bn_cnn, data
 from deepopt.experimental import legacy_kwargs
+from deepopt.mechanisms import REGISTRY
 from deepopt.mechanisms.dropout_match import weighted_layers
 from deepopt.recipes import MOVED
 
@@ -124,6 +126,8 @@ class Unused(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+REGISTERED = {cls.name: cls for cls in REGISTRY}  # every mechanism is drawn, as registered
+
 
 @dataclass(frozen=True)
 class Case:
@@ -137,6 +141,14 @@ class Case:
     closure: bool
     bf16: bool
     invalid: str | None  # the argument that must be named in the error
+    extra: str | None = None  # a registered mechanism's example() added through mechanisms=[...]
+
+    def activate_kwargs(self) -> dict:
+        kw = legacy_kwargs(dict(self.overrides))
+        mechanisms = kw.setdefault("mechanisms", [])
+        if self.extra is not None and self.extra not in {m.name for m in mechanisms}:
+            mechanisms.append(REGISTERED[self.extra].example())
+        return kw
 
     def build(self, seed: int = 0, enabled: bool | None = True):
         factory, _ = FAMILIES[self.family]
@@ -156,7 +168,7 @@ class Case:
         opt = OPTIMIZERS[self.optimizer](groups, lr)
         if enabled is not None:
             model, opt = deepopt.activate(model, opt, recipe=self.recipe, enabled=enabled,
-                                          **legacy_kwargs(dict(self.overrides)))
+                                          **self.activate_kwargs())
         return model, opt
 
 
@@ -188,6 +200,7 @@ def cases(draw, family: str) -> Case:
         closure=rng.random() < 0.5,
         bf16=rng.random() < 0.5 and BF16[family],
         invalid=invalid,
+        extra=rng.choice([None, *sorted(REGISTERED)]),
     )
 
 

@@ -15,13 +15,12 @@ the ``safe`` recipe's calibration and guard):
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
 import deepopt
+from conftest import assert_equal, roundtrip
 from deepopt.mechanisms import REGISTRY
 from deepopt.mechanisms.base import EVENTS, Mechanism
 
@@ -110,19 +109,6 @@ def views(model) -> dict[str, torch.Tensor]:
     out.update({f"eval.{k}": v.clone() for k, v in model.state_dict().items()})
     model.train()
     return out
-
-
-def assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.fixture(params=REGISTRY, ids=NAMES)

@@ -16,7 +16,6 @@ The number of cases is fixed (``derandomize=True``) and printed at the end of th
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import warnings
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deepopt
-from conftest import LSTMNet, TransformerNet, bn_cnn, data
+from conftest import LSTMNet, TransformerNet, assert_equal, bn_cnn, data, roundtrip
 from deepopt.experimental import legacy_kwargs
 from deepopt.mechanisms import REGISTRY
 from deepopt.mechanisms.dropout_match import weighted_layers
@@ -233,19 +232,6 @@ def train(case: Case, model, opt, start: int, stop: int) -> None:
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def check(case: Case) -> str:

@@ -161,7 +161,7 @@ class DeepOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        """One optimizer step; a mechanism may claim ``step(closure)`` (two-pass SAM)."""
+        """One optimizer step; a mechanism may claim ``step(closure)`` and run it itself (``claims_step``)."""
         self._params_stale = True  # requires_grad may have changed since the last step
         if self.closure_driven:
             self.show("train")

@@ -1,6 +1,6 @@
 """Every registered mechanism, alone, passes the same checks: a new one is tested by registering it.
 
-For each class in :data:`deepopt.mechanisms.REGISTRY` (its ``example()`` instance, on top of
+For each class in :data:`deepopt.mechanisms.REGISTRY` and ``VARIANTS`` (its ``example()`` instance, on top of
 the ``safe`` recipe's calibration and guard):
 
 * its facts agree with the events it overrides, and its name is its own;
@@ -21,10 +21,12 @@ from torch import nn
 
 import deepopt
 from conftest import assert_equal, roundtrip
-from deepopt.mechanisms import REGISTRY
+from deepopt.mechanisms import REGISTRY, VARIANTS
 from deepopt.mechanisms.base import EVENTS, Mechanism
 
 NAMES = [cls.name for cls in REGISTRY]
+CHECKED = REGISTRY + VARIANTS
+IDS = NAMES + [cls.__name__ for cls in VARIANTS]
 
 
 def net() -> nn.Module:
@@ -111,7 +113,7 @@ def views(model) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(params=REGISTRY, ids=NAMES)
+@pytest.fixture(params=CHECKED, ids=IDS)
 def cls(request) -> type[Mechanism]:
     return request.param
 

@@ -10,7 +10,8 @@ same name). BENCHMARKS.md, section 1, has the measurements behind each verdict.
   ``every``/``reuse`` (its plain form is ``Settings.sam_rho``);
 * :class:`WeightNoise`: random weight perturbation;
 * :class:`Lookahead`: slow/fast weights;
-* :class:`WeightAverage` with ``restart=True``: continue from the average at each LR change.
+* :class:`WeightAverage` with ``restart=True``: continue from the average at each LR change;
+* :class:`SwitchAverage`: continue from the average periodically (Switch EMA).
 
 Example:
     >>> import torch, deepopt
@@ -31,9 +32,11 @@ from .mechanisms.lookahead import Lookahead
 from .mechanisms.noise import WeightNoise
 from .mechanisms.perturb import MomentumPerturbation
 from .mechanisms.sam import TwoPassSAM
+from .mechanisms.switch import SwitchAverage
 from .recipes import MOVED, RECIPES
 
-__all__ = ["MomentumPerturbation", "TwoPassSAM", "WeightNoise", "Lookahead", "WeightAverage", "legacy_kwargs"]
+__all__ = ["MomentumPerturbation", "TwoPassSAM", "WeightNoise", "Lookahead", "WeightAverage", "SwitchAverage",
+           "legacy_kwargs"]
 
 
 def legacy_kwargs(knobs: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
         self._buffer_cache: list[Tensor] = []
         self._pending_train_values: list[Tensor] | None = None
+        self._told_idle = False  # said once that nothing acted
         # An optimizer whose step(closure) evaluates the closure itself (LBFGS), possibly
         # several times, updates inside that call: nothing can act once per forward/backward.
         self.closure_driven = needs_closure(optimizer)
@@ -269,6 +270,17 @@ class DeepOptimizer(torch.optim.Optimizer):
                 targets = self.eval_targets()
                 for m in self._by_event["show_eval"]:
                     m.show_eval(self, targets)
+                if not self._told_idle and self.steps:
+                    self._tell_if_idle()
+
+    def _tell_if_idle(self) -> None:
+        """Say once, at an evaluation, if no mechanism has changed this run (:meth:`Mechanism.idle`)."""
+        reasons = [m.idle(self) for m in self.mechanisms]
+        if all(r is not None for r in reasons):
+            self._told_idle = True
+            why = "; ".join(r for r in reasons if r) or "no mechanism acts on this model and optimizer"
+            steps = f"{self.steps} step{'s' if self.steps != 1 else ''}"
+            say(f"after {steps} this run trains and evaluates as it would without deepopt: {why}.")
 
     # -- model hooks ---------------------------------------------------------------------------
     def forward_started(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -584,7 +584,9 @@ def _activate_kwargs(mode: str) -> tuple[dict | None, bool]:
     if mode == "peer-sam":  # exact SAM, rho 0.05 (Foret et al.), two passes every step
         return {"recipe": "safe", "sam_rho": 0.05}, True
     if mode.startswith("deepopt:"):  # e.g. deepopt:{"average": "ema"}
-        return json.loads(mode.split(":", 1)[1]), False
+        kwargs = json.loads(mode.split(":", 1)[1])
+        closure = _resolved(kwargs)["sam_rho"] > 0 or any(m.needs_closure for m in _experimental(kwargs))
+        return kwargs, closure
     raise ValueError(f"mode {mode!r} is unknown: classical, deepopt, peer-sam or deepopt:{{json overrides}}")
 
 
@@ -603,7 +605,7 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
     kwargs, closure = _activate_kwargs(mode)
     opt = base
     if kwargs is not None:
-        model, opt = deepopt.activate(model, base, **legacy_kwargs(kwargs))
+        model, opt = deepopt.activate(model, base, **_activation(kwargs))
     observers = (observers or {}) if mode == "classical" else {}
     obs = {name: make(model, per_epoch) for name, (make, _) in observers.items()}
     with torch.random.fork_rng():  # the scratch net's init must not move the RNG of dropout
@@ -694,7 +696,7 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
         model = setup.net()
         opt = base = setup.optimizer(model.parameters())
         if activated and kwargs is not None:
-            model, opt = deepopt.activate(model, base, **legacy_kwargs(kwargs))
+            model, opt = deepopt.activate(model, base, **_activation(kwargs))
         runs.append((model, opt))
     gen = torch.Generator().manual_seed(0)
 
@@ -723,11 +725,26 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
             "resolved": None if kwargs is None else _resolved(kwargs), "torch": torch.__version__}
 
 
+def _experimental(kwargs: dict) -> list:
+    """The mechanisms of a mode's ``"experimental"`` entry: ``[{"class": "SwitchAverage", **args}]``."""
+    import deepopt.experimental
+
+    return [getattr(deepopt.experimental, e["class"])(**{k: v for k, v in e.items() if k != "class"})
+            for e in kwargs.get("experimental", [])]
+
+
+def _activation(kwargs: dict) -> dict:
+    """``deepopt.activate`` keyword arguments of a mode's settings (0.1 knobs and experimental classes)."""
+    kw = legacy_kwargs({k: v for k, v in kwargs.items() if k != "experimental"})
+    extra = _experimental(kwargs)
+    return {**kw, "mechanisms": [*kw.get("mechanisms", []), *extra]} if extra else kw
+
+
 def _resolved(kwargs: dict) -> dict:
     """What the recipe of ``deepopt.activate(**kwargs)`` meant when this ran (recipes change)."""
     from deepopt.recipes import resolve
 
-    overrides = {k: v for k, v in kwargs.items() if k != "recipe"}
+    overrides = {k: v for k, v in _activation(kwargs).items() if k not in ("recipe", "mechanisms")}
     return resolve(kwargs.get("recipe", "default"), overrides).as_dict()
 
 

@@ -176,6 +176,7 @@ class WeightAverage(Mechanism):
         self.count = 0  # updates folded into the current average
         self.lr: float | None = None  # LR of the current phase ("phase" kind)
         self.last_lr: float | None = None  # LR of the last update (restart)
+        self.at_iterate = False  # the last update made the average the iterate (for idle())
 
     @classmethod
     def from_settings(cls, settings: Any) -> WeightAverage | None:
@@ -206,6 +207,7 @@ class WeightAverage(Mechanism):
             return
         self.calls += 1
         weight = self.weight(lr, max_lr)
+        self.at_iterate = weight >= 1.0
         # A weight of 1 (the LR-following window, once the LR has fallen far enough) is
         # taken at once: the average is then exactly the current iterate, every step.
         if self.calls < self.every and weight < 1.0:
@@ -245,6 +247,14 @@ class WeightAverage(Mechanism):
     def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
         if not resumed:
             self.tensors = None  # new weights: the average restarts from them
+
+    def idle(self, opt: Any) -> str | None:
+        # Early in a run a power average is nearly the iterate too, but it will act: only an
+        # annealed LR (a tenth of its peak or less) says the schedule has taken its place.
+        if self.tensors is not None and self.at_iterate and opt.lr <= 0.1 * opt.max_lr:
+            return (f"the LR has fallen to {opt.lr / opt.max_lr:.2g} of its peak, so the average is the "
+                    "last iterate (the schedule did the averaging)")
+        return None
 
     def state_dict(self) -> dict:
         return {"tensors": self.tensors, "count": self.count, "lr": self.lr, "calls": self.calls,

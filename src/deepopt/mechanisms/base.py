@@ -135,6 +135,12 @@ class Mechanism:
         checkpoint this optimizer just loaded, not new ones)."""
 
     # -- state and report --------------------------------------------------------------------
+    def idle(self, opt: DeepOptimizer) -> str | None:
+        """Why this mechanism has so far left the run as it would have been without it, or
+        ``None`` if it has acted (the default). When every mechanism of an activation is idle
+        at an evaluation, the optimizer says so once, with these reasons."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 

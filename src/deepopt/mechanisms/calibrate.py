@@ -182,6 +182,11 @@ class Calibration(Mechanism):
             for b, s in zip(buffers, saved):
                 b.copy_(s)
 
+    def idle(self, opt: Any) -> str | None:
+        if self.calibrated is False:
+            return "calibration found the signal healthy through the layers and left the initial weights as they were"
+        return None
+
     def state_dict(self) -> dict:
         return {"calibrated": self.calibrated}
 

@@ -266,6 +266,11 @@ class DropoutMatch(Mechanism):
         if not resumed:
             self.step = -1  # new weights: measure again
 
+    def idle(self, opt: Any) -> str | None:
+        if self.off or (self.step >= 0 and not self.keep):
+            return "dropout-matched evaluation kept the plain weights (rescaling did not bring eval closer to training)"
+        return None
+
     def state_dict(self) -> dict:
         return {"scales": None if self.scales is None else list(self.scales), "keep": self.keep, "step": self.step}
 

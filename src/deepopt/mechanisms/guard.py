@@ -164,6 +164,9 @@ class DivergenceGuard(Mechanism):
     def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
         self._snapshot_taken = False
 
+    def idle(self, opt: Any) -> str | None:
+        return "the guard skipped no step (it acts only on a NaN or inf loss or gradient)" if not self.skipped else None
+
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 

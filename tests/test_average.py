@@ -195,7 +195,8 @@ def test_lr_following_window_tracks_the_iterate_when_the_lr_reaches_zero():
     avg = WeightAverage("power", width=0.05, follows_lr=True)
     for v, lr in ((1.0, 0.1), (2.0, 0.1), (3.0, 0.05), (10.0, 0.0)):
         avg.update([torch.tensor([v])], lr=lr, max_lr=0.1)
-    assert avg.tensors[0].item() == 10.0  # the annealed iterate, not a mean with earlier ones
+    # the annealed iterate, not a mean with earlier ones: eval() shows the training weights
+    assert avg.at_iterate and avg.evaluated() is None
     assert lr_window(0.01, lr=0.05, max_lr=0.1) == pytest.approx(0.02)
 
 
@@ -227,8 +228,10 @@ def test_a_window_of_one_step_is_taken_at_once_even_between_folds():
     avg = WeightAverage("power", width=0.05, every=4, follows_lr=True)
     for v, lr in ((1.0, 0.1), (2.0, 0.1), (3.0, 0.1), (4.0, 1e-6), (5.0, 1e-6)):
         avg.update([torch.tensor([v])], lr=lr, max_lr=0.1)
-        last = v
-    assert avg.tensors[0].item() == last
+        assert avg.at_iterate == (lr < 0.1)  # eval() shows the training weights: nothing copied
+    for v in (6.0, 7.0, 8.0, 9.0):  # the LR back up: at the next fold, averaging starts from the iterate
+        avg.update([torch.tensor([v])], lr=0.1, max_lr=0.1)
+    assert not avg.at_iterate and avg.evaluated()[0].item() == 9.0
     plain = WeightAverage("power", width=0.05, every=4)
     for v in (1.0, 2.0, 3.0, 4.0, 5.0):
         plain.update([torch.tensor([v])], lr=0.1, max_lr=0.1)
@@ -239,3 +242,24 @@ def test_average_width_out_of_range_is_refused_with_its_name():
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="average_width=0.5"):
         deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), average="power", average_width=0.5)
+
+
+def test_samples_fold_less_often_as_the_window_grows_and_keep_the_power_average():
+    gamma_width, steps = 0.05, 6000
+    sparse = WeightAverage("power", width=gamma_width, samples=8)
+    dense = WeightAverage("power", width=gamma_width)  # one fold per step
+    folds = []
+    for t in range(1, steps + 1):
+        value = [torch.tensor([float(t)], dtype=torch.float64)]
+        before = sparse.count
+        sparse.update(value, lr=0.1, max_lr=0.1)
+        dense.update(value, lr=0.1, max_lr=0.1)
+        if sparse.count > before:
+            folds.append(t)
+    gaps = [b - a for a, b in zip(folds, folds[1:])]
+    assert gaps[0] == 1 and abs(gaps[-1] - gamma_width * steps / 8) <= 1  # 1/8 of the window apart
+    assert len(folds) < steps / 6  # 1/6 of the steps here, falling as 1 / steps
+    # on a ramp, a power average lags by steps / (gamma + 2); the sparse one within a fold's gap
+    lag = steps - dense.tensors[0].item()
+    assert lag == pytest.approx(steps / (dense.gamma + 2), rel=0.01)
+    assert abs(sparse.tensors[0].item() - dense.tensors[0].item()) < gaps[-1]

@@ -42,6 +42,9 @@ class Settings:
             average converges to the iterate, which the schedule has already averaged.
         average_every: fold the weights into the average every ``k``-th step only (the
             EMA decay is adjusted to keep its horizon in steps): ``1/k`` of the cost.
+        average_samples: with ``average="power"``, fold in once per ``1/k`` of the window's
+            width (at least ``average_every`` steps apart), so that the cost per step falls
+            as ``1 / steps``; 0: every ``average_every`` steps.
         dropout_match: evaluate a net with dropout at weights rescaled so that each
             linear/conv layer's eval-mode output matches its output with dropout on, measured
             on the last training batch at the first evaluation after new steps, and kept
@@ -74,6 +77,7 @@ class Settings:
     average_width: float = 0.05
     average_follows_lr: bool = False
     average_every: int = 1
+    average_samples: int = 0
     dropout_match: bool = False
     calibrate: bool = True
     calibrate_threshold: float = 1e-3
@@ -95,7 +99,8 @@ class Settings:
             if value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (0 turns it off).")
         # Step counts: integers (not bools, not floats) at or above their smallest value.
-        for name, low, note in (("sam_warmup", 0, " (0 = off)"), ("average_every", 1, ""), ("max_skips", 1, "")):
+        for name, low, note in (("sam_warmup", 0, " (0 = off)"), ("average_every", 1, ""),
+                                 ("average_samples", 0, " (0 = every average_every steps)"), ("max_skips", 1, "")):
             value = getattr(self, name)
             if _is_bool(value) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {low}{note}.")
@@ -103,6 +108,9 @@ class Settings:
             raise ValueError(f"ema_decay={self.ema_decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if self.average not in (None, "ema", "power", "phase"):
             raise ValueError(f"average={self.average!r} is invalid: use None, 'ema', 'power' or 'phase'.")
+        if self.average_samples and self.average != "power":
+            raise ValueError(f"average_samples={self.average_samples!r} needs average='power' (got "
+                             f"average={self.average!r}): set average='power' or average_samples=0.")
         if not 0.0 < self.average_width < 0.28:
             raise ValueError(
                 f"average_width={self.average_width!r} is invalid: it must lie in (0, 0.28), e.g. 0.05."

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .base import Mechanism
 
-__all__ = ["ema_decay", "power_gamma", "power_weight", "lr_window", "average_", "WeightAverage"]
+__all__ = ["ema_decay", "power_gamma", "power_weight", "power_weight_steps", "lr_window", "average_", "WeightAverage"]
 
 
 def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
@@ -89,6 +89,20 @@ def power_weight(count: int, gamma: float) -> float:
     return 1.0 - (1.0 - 1.0 / count) ** (gamma + 1.0)
 
 
+def power_weight_steps(before: int, now: int, gamma: float) -> float:
+    """Weight of a fold at step ``now`` whose last fold was at step ``before`` (power-function EMA).
+
+    ``1 - (before / now) ** (gamma + 1)``: the fold stands for the ``now - before`` steps
+    since the last one, so folds may be unevenly spaced; with one fold per step it is
+    :func:`power_weight`.
+
+    Example:
+        >>> power_weight_steps(99, 100, 6.94) == power_weight(100, 6.94)
+        True
+    """
+    return 1.0 - (before / now) ** (gamma + 1.0)
+
+
 def lr_window(weight: float, lr: float, max_lr: float) -> float:
     """Widen an averaging ``weight`` as the LR falls below its largest value so far.
 
@@ -136,6 +150,11 @@ class WeightAverage(Mechanism):
         warmup: use the EMA decay warm-up (``"ema"``).
         every: fold in only every ``every``-th call (the EMA decay becomes
             ``decay ** every``, the same horizon in steps): ``1/every`` of the cost.
+        samples: for ``"power"``, > 0: fold in once per ``1/samples`` of the window's width
+            (``width`` times the steps so far, times ``lr / max lr`` if ``follows_lr``), and
+            at least ``every`` steps apart; each fold weighs the steps since the last one
+            (:func:`power_weight_steps`), so the cost per step falls as ``1 / steps``.
+            0: every ``every`` steps.
         width: the power-function EMA's relative width ``sigma_rel`` (``"power"``).
         follows_lr: shrink the window with the LR (:func:`lr_window`).
         restart: when the learning rate changes (an LR drop), training continues from the
@@ -156,13 +175,17 @@ class WeightAverage(Mechanism):
     unsafe_when_sharded = "the evaluation view swaps whole tensors"
 
     def __init__(self, kind: str = "ema", decay: float = 0.999, warmup: bool = True, every: int = 1,
-                 width: float = 0.05, follows_lr: bool = False, restart: bool = False) -> None:
+                 width: float = 0.05, follows_lr: bool = False, restart: bool = False, samples: int = 0) -> None:
         if kind not in ("ema", "power", "phase"):
             raise ValueError(f"kind={kind!r} is invalid: use 'ema', 'power' or 'phase'.")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay={decay!r} is invalid: it must lie in [0, 1), e.g. 0.999.")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} is invalid: it must be an integer >= 1.")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0 or (samples and kind != "power"):
+            raise ValueError(f"samples={samples!r} is invalid: it must be an integer >= 0, and 0 unless "
+                             "kind='power' (e.g. 8 folds per window width).")
+        self.samples = samples
         self.kind = kind
         self.decay = decay
         self.warmup = warmup
@@ -174,21 +197,28 @@ class WeightAverage(Mechanism):
         self.calls = 0  # calls since the last fold
         self.tensors: list[Tensor] | None = None
         self.count = 0  # updates folded into the current average
+        self.seen = 0  # updates since the average (re)started
+        self.folded_at = 0  # the value of ``seen`` at the last fold
         self.lr: float | None = None  # LR of the current phase ("phase" kind)
         self.last_lr: float | None = None  # LR of the last update (restart)
-        self.at_iterate = False  # the last update made the average the iterate (for idle())
+        # The average is the training weights (an LR-following window narrower than a step):
+        # then ``tensors`` are not kept up to date and eval() shows the training weights.
+        self.at_iterate = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> WeightAverage | None:
         if not settings.average:
             return None
         return cls(settings.average, settings.ema_decay, every=settings.average_every,
-                   width=settings.average_width, follows_lr=settings.average_follows_lr)
+                   width=settings.average_width, follows_lr=settings.average_follows_lr,
+                   samples=settings.average_samples)
 
     def weight(self, lr: float | None, max_lr: float | None) -> float:
         """Weight of the next iterate folded in (the average holds ``count`` already)."""
         if self.kind == "ema":
             weight = 1.0 - ema_decay(self.count - 1, self.decay**self.every, self.warmup)
+        elif self.samples:
+            weight = power_weight_steps(self.folded_at, self.seen, self.gamma)
         elif self.kind == "power":
             weight = power_weight(self.count + 1, self.gamma)
         else:
@@ -197,27 +227,43 @@ class WeightAverage(Mechanism):
             weight = lr_window(weight, lr, max_lr)
         return weight
 
+    def fold_period(self, lr: float | None, max_lr: float | None) -> int:
+        """Steps between folds: ``every``, or with ``samples`` a ``1/samples`` of the window's width."""
+        if not self.samples:
+            return self.every
+        width = self.width * self.seen
+        if self.follows_lr and lr is not None and max_lr:
+            width *= lr / max_lr
+        return max(self.every, int(width / self.samples))
+
     @torch.no_grad()
     def update(self, current: list[Tensor], lr: float | None = None, max_lr: float | None = None) -> None:
         """Fold ``current`` into the average (``lr``: the LR the step used; ``max_lr``: the largest so far)."""
         restart = self.kind == "phase" and lr is not None and lr != self.lr
         if self.tensors is None or restart or len(self.tensors) != len(current):
             self.tensors = [t.detach().clone() for t in current]
-            self.count, self.lr, self.calls = 1, lr, 0
+            self.count, self.lr, self.calls, self.seen, self.folded_at = 1, lr, 0, 1, 1
+            self.at_iterate = False
             return
         self.calls += 1
+        self.seen += 1
         weight = self.weight(lr, max_lr)
-        self.at_iterate = weight >= 1.0
         # A weight of 1 (the LR-following window, once the LR has fallen far enough) is
-        # taken at once: the average is then exactly the current iterate, every step.
-        if self.calls < self.every and weight < 1.0:
+        # taken at once, every step: the average is then the iterate, and nothing is copied.
+        if self.calls < self.fold_period(lr, max_lr) and weight < 1.0:
             return
-        self.calls = 0
+        self.calls, self.folded_at, self.count = 0, self.seen, self.count + 1
         if weight >= 1.0:
+            self.at_iterate = True
+        elif self.at_iterate:  # the window widened again: the average starts from the iterate
             torch._foreach_copy_(self.tensors, [t.detach() for t in current])
+            self.at_iterate = False
         else:
             average_(self.tensors, current, weight)
-        self.count += 1
+
+    def evaluated(self) -> list[Tensor] | None:
+        """The averaged tensors, or ``None`` where the average is the training weights."""
+        return None if self.at_iterate else self.tensors
 
     # -- events ------------------------------------------------------------------------------
     def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -227,11 +273,11 @@ class WeightAverage(Mechanism):
         if self.last_lr is None or lr == self.last_lr:
             return
         self.last_lr = lr
-        targets = opt.eval_targets()
-        if self.tensors is not None and len(targets) == len(self.tensors):
+        targets, average = opt.eval_targets(), self.evaluated()
+        if average is not None and len(targets) == len(average):
             opt.show("train")
             with torch.no_grad():
-                torch._foreach_copy_(targets, self.tensors)
+                torch._foreach_copy_(targets, average)
 
     def after_update(self, opt: Any) -> None:
         lr = opt.lr
@@ -240,9 +286,10 @@ class WeightAverage(Mechanism):
 
     @torch.no_grad()
     def show_eval(self, opt: Any, targets: list[Tensor]) -> None:
-        if self.tensors is not None and len(targets) == len(self.tensors):
+        average = self.evaluated()
+        if average is not None and len(targets) == len(average):
             opt.views.enter(targets, "eval")
-            torch._foreach_copy_(targets, self.tensors)
+            torch._foreach_copy_(targets, average)
 
     def on_weights_loaded(self, opt: Any, resumed: bool) -> None:
         if not resumed:
@@ -251,14 +298,14 @@ class WeightAverage(Mechanism):
     def idle(self, opt: Any) -> str | None:
         # Early in a run a power average is nearly the iterate too, but it will act: only an
         # annealed LR (a tenth of its peak or less) says the schedule has taken its place.
-        if self.tensors is not None and self.at_iterate and opt.lr <= 0.1 * opt.max_lr:
+        if self.at_iterate and opt.lr <= 0.1 * opt.max_lr:
             return (f"the LR has fallen to {opt.lr / opt.max_lr:.2g} of its peak, so the average is the "
                     "last iterate (the schedule did the averaging)")
         return None
 
     def state_dict(self) -> dict:
         return {"tensors": self.tensors, "count": self.count, "lr": self.lr, "calls": self.calls,
-                "last_lr": self.last_lr}
+                "last_lr": self.last_lr, "seen": self.seen, "folded_at": self.folded_at, "at_iterate": self.at_iterate}
 
     def load_state_dict(self, state: dict) -> None:
         tensors = state["tensors"]
@@ -266,6 +313,9 @@ class WeightAverage(Mechanism):
         self.count, self.lr = int(state["count"]), state["lr"]
         self.calls = int(state.get("calls", 0))
         self.last_lr = state.get("last_lr")
+        # version-1 states: their tensors were kept up to date (copied) at every step
+        self.seen, self.folded_at = int(state.get("seen", self.count)), int(state.get("folded_at", self.count))
+        self.at_iterate = bool(state.get("at_iterate", False))
 
     @property
     def label(self) -> str:
@@ -278,4 +328,4 @@ class WeightAverage(Mechanism):
 
     def __repr__(self) -> str:
         return (f"WeightAverage(kind={self.kind!r}, decay={self.decay}, every={self.every}, width={self.width}, "
-                f"follows_lr={self.follows_lr}, restart={self.restart})")
+                f"follows_lr={self.follows_lr}, restart={self.restart}, samples={self.samples})")

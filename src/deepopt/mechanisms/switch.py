@@ -86,7 +86,7 @@ class SwitchAverage(WeightAverage):
 
     def due(self, steps: int) -> bool:
         """Whether the training weights switch to the average now, ``steps`` steps into the run."""
-        if self.tensors is None or self.since < self.min_steps:
+        if self.evaluated() is None or self.since < self.min_steps:  # none yet, or it is the iterate
             return False
         return self.since >= self.period * lag(self.kind, steps, self.gamma, self.decay)
 
@@ -95,12 +95,12 @@ class SwitchAverage(WeightAverage):
         # guard's snapshot of this step holds them.
         if not self.due(opt.steps):
             return
-        targets = opt.eval_targets()
-        if len(targets) != len(self.tensors):
+        targets, average = opt.eval_targets(), self.evaluated()
+        if len(targets) != len(average):
             return
         opt.show("train")
         with torch.no_grad():
-            torch._foreach_copy_(targets, self.tensors)
+            torch._foreach_copy_(targets, average)
         self.since, self.switches = 0, self.switches + 1
 
     def after_update(self, opt: Any) -> None:

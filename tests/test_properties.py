@@ -287,8 +287,9 @@ def check(case: Case) -> str:
     with torch.no_grad():
         model(x)
     averaged = {}
-    if opt.mechanism("average") is not None and opt.mechanism("average").tensors is not None:
-        averaged = {id(p): a for p, a in zip(opt.params(), opt.mechanism("average").tensors)}
+    average = opt.mechanism("average")
+    if average is not None and average.evaluated() is not None:  # None: the average is the iterate
+        averaged = {id(p): a for p, a in zip(opt.params(), average.evaluated())}
     factors = {}  # dropout-matched evaluation, where its gate kept the rescaled weights
     if opt.mechanism("dropout_match") is not None and opt.mechanism("dropout_match").keep:
         layers = weighted_layers(model, {id(p) for p in opt.params()})

@@ -32,10 +32,27 @@ from pathlib import Path
 
 from .report import _t95
 
-__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table", "summary_table", "forest_plot", "TEST_MODES"]
+__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table",
+           "summary_table", "forest_plot", "TEST_MODES", "LABELS", "label"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
+
+_AVERAGE = '"average": "power", "average_width": 0.05, "average_follows_lr": true, "average_every": 4'
+#: Short names of the training-mode candidates (``--modes 'deepopt:JSON'``) in the tables.
+LABELS = {
+    'deepopt:{"experimental":[{"class":"SwitchAverage","period":8}]}': "switch-ema-8",
+    'deepopt:{"experimental":[{"class":"SwitchAverage","period":2}]}': "switch-ema-2",
+    'deepopt:{"recipe":"thorough",' + _AVERAGE.replace(": ", ":").replace(", ", ",") + "}": "thorough+average",
+    'deepopt:{"recipe":"thorough","sam_lr_ceiling":0.1,' + _AVERAGE.replace(": ", ":").replace(", ", ",") + "}":
+        "thorough-tail+average",
+    'deepopt:{"average_samples": 8}': "deepopt-samples-8",
+}
+
+
+def label(mode: str) -> str:
+    """A mode's name in the tables (:data:`LABELS`, else the mode itself)."""
+    return LABELS.get(mode, mode)
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% Student-t interval (0 half-width for one value)."""
@@ -125,7 +142,7 @@ def screen_table(rows: list[dict]) -> str:
         lost = sum(m + h < 0 for m, h in cis)
         worst = min(per_setup, key=lambda s: statistics.fmean(per_setup[s]))
         cost = _cost(rows, mode)
-        lines.append((statistics.fmean(means), mode, len(per_setup), interval(means), won, lost,
+        lines.append((statistics.fmean(means), label(mode), len(per_setup), interval(means), won, lost,
                       worst, statistics.fmean(per_setup[worst]), cost))
     out = ["| candidate | setups | mean gain vs classical (95% CI over setups) | setups won ▲ / lost ▼ "
            "| worst setup (gain) | median cost per step |", "|---|---|---|---|---|---|"]
@@ -140,7 +157,7 @@ def candidates_table(rows: list[dict], split: str = "val") -> str:
     modes = sorted({r["mode"] for r in rows if r["split"] == split} - {"classical"})
     per = {m: gains(rows, m, split) for m in modes}
     setups = list(dict.fromkeys(r["setup"] for r in rows))
-    out = ["| setup | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    out = ["| setup | " + " | ".join(map(label, modes)) + " |", "|---|" + "---|" * len(modes)]
     for setup in setups:
         cells = [f"{statistics.fmean(per[m][setup]):+.2f}" if setup in per[m] else "" for m in modes]
         out.append(f"| {setup} | " + " | ".join(cells) + " |")
@@ -154,7 +171,7 @@ def setup_table(rows: list[dict], modes: list[str] | None = None) -> str:
     idx = _index(rows, "test")
     order = list(dict.fromkeys(r["setup"] for r in rows))
     setups = [s for s in order if (s, "classical") in idx]
-    head = "| setup | schedule | classical | " + " | ".join(f"{m} (gain, cost)" for m in modes) + " |"
+    head = "| setup | schedule | classical | " + " | ".join(f"{label(m)} (gain, cost)" for m in modes) + " |"
     out = [head, "|" + "---|" * (3 + len(modes))]
     for setup in setups:
         base = [r["final"] for r in idx[(setup, "classical")].values()]
@@ -222,7 +239,7 @@ def forest_plot(rows: list[dict], out: Path, modes: list[str] | None = None) -> 
             m, h = interval(g[setup])
             y = j + (i - (len(modes) - 1) / 2) * 0.18
             ax.errorbar(m, y, xerr=0 if h != h else h, fmt="o", color=f"C{i}", ms=4, capsize=2,
-                        label=mode if j == 0 else None)
+                        label=label(mode) if j == 0 else None)
     ax.axvline(0, color="k", lw=0.8)
     ax.margins(x=0.04)
     ax.set_yticks(range(len(setups)), setups, fontsize=8)

@@ -91,3 +91,18 @@ def test_candidates_riding_on_a_dropout_net_leave_its_training_as_without_them()
     ridden = zoo.run_setup(setup, 0, "classical", data, {"ema-0.999": zoo.OBSERVERS["ema-0.999"]})
     assert _final(alone, "classical")["train_loss"] == _final(ridden, "classical")["train_loss"]
     assert _final(alone, "classical")["per_epoch"] == _final(ridden, "classical")["per_epoch"]
+
+
+def test_a_mode_names_experimental_classes_and_takes_a_closure_when_sam_is_on():
+    switch = 'deepopt:{"experimental": [{"class": "SwitchAverage", "period": 4}]}'
+    kwargs, closure = zoo._activate_kwargs(switch)
+    (m,) = zoo._activation(kwargs)["mechanisms"]
+    assert type(m).__name__ == "SwitchAverage" and m.period == 4.0 and not closure
+    tail = 'deepopt:{"recipe": "thorough", "sam_lr_ceiling": 0.1}'
+    kwargs, closure = zoo._activate_kwargs(tail)
+    (sam,) = zoo._activation(kwargs)["mechanisms"]
+    assert closure and sam.lr_range == (0.0, 0.1)
+    assert zoo._resolved(kwargs)["sam_rho"] == 0.05  # recorded without the moved knob
+    assert zoo_report.label('deepopt:{"average_samples": 8}') == "deepopt-samples-8"
+    with pytest.raises(ValueError, match="'NoSuchThing' is unknown: use one of .*SwitchAverage"):
+        zoo._activate_kwargs('deepopt:{"experimental": [{"class": "NoSuchThing"}]}')

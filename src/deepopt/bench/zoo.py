@@ -727,10 +727,16 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
 
 def _experimental(kwargs: dict) -> list:
     """The mechanisms of a mode's ``"experimental"`` entry: ``[{"class": "SwitchAverage", **args}]``."""
-    import deepopt.experimental
+    import deepopt.experimental as experimental
 
-    return [getattr(deepopt.experimental, e["class"])(**{k: v for k, v in e.items() if k != "class"})
-            for e in kwargs.get("experimental", [])]
+    out = []
+    for e in kwargs.get("experimental", []):
+        cls = getattr(experimental, e.get("class", ""), None)
+        if not isinstance(cls, type):
+            raise ValueError(f"experimental class {e.get('class')!r} is unknown: use one of "
+                             f"{', '.join(n for n in experimental.__all__ if n[0].isupper())}.")
+        out.append(cls(**{k: v for k, v in e.items() if k != "class"}))
+    return out
 
 
 def _activation(kwargs: dict) -> dict:

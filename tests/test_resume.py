@@ -48,8 +48,18 @@ def net() -> nn.Module:
                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
 
 
-def build(name: str, seed: int = 0):
+# The recipes as deepopt 0.1 defined them, for the checkpoints it wrote (recipes change).
+RECIPES_0_1 = {
+    "default": {"recipe": "safe", "dropout_match": True, "average": "power", "average_width": 0.05,
+                "average_follows_lr": True, "average_every": 4},
+    "thorough": {"recipe": "safe", "sam_rho": 0.05, "sam_warmup": 1000, "dropout_match": True},
+}
+
+
+def build(name: str, seed: int = 0, version: int = 2):
     overrides = RECIPES[name][0]
+    if version == 1 and overrides.get("recipe") in RECIPES_0_1:
+        overrides = {**RECIPES_0_1[overrides["recipe"]], **{k: v for k, v in overrides.items() if k != "recipe"}}
     torch.manual_seed(seed)
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -322,7 +332,7 @@ V1_CHECKPOINTS = TESTS / "data" / "v1_checkpoints.pt"
 def test_version_1_checkpoint_resumes_onto_the_old_uninterrupted_trajectory(name):
     saved = torch.load(V1_CHECKPOINTS, weights_only=True)[name]
     assert saved["opt"]["deepopt"]["version"] == 1 and saved["overrides"] == RECIPES[name][0]
-    model, opt, sched = build(name, seed=123)  # other initial weights: all must come from the file
+    model, opt, sched = build(name, seed=123, version=1)  # other initial weights: all must come from the file
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     sched.load_state_dict(saved["sched"])

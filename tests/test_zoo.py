@@ -98,10 +98,10 @@ def test_a_mode_names_experimental_classes_and_takes_a_closure_when_sam_is_on():
     kwargs, closure = zoo._activate_kwargs(switch)
     (m,) = zoo._activation(kwargs)["mechanisms"]
     assert type(m).__name__ == "SwitchAverage" and m.period == 4.0 and not closure
-    tail = 'deepopt:{"recipe": "thorough", "sam_lr_ceiling": 0.1}'
-    kwargs, closure = zoo._activate_kwargs(tail)
+    periodic = 'deepopt:{"recipe": "thorough", "sam_every": 3}'  # a 0.1 knob: an experimental class
+    kwargs, closure = zoo._activate_kwargs(periodic)
     (sam,) = zoo._activation(kwargs)["mechanisms"]
-    assert closure and sam.lr_range == (0.0, 0.1)
+    assert closure and sam.every == 3 and sam.lr_range == (0.0, 0.1)  # the recipe's LR ceiling kept
     assert zoo._resolved(kwargs)["sam_rho"] == 0.05  # recorded without the moved knob
     assert zoo_report.label('deepopt:{"average_samples": 8}') == "deepopt-samples-8"
     with pytest.raises(ValueError, match="'NoSuchThing' is unknown: use one of .*SwitchAverage"):

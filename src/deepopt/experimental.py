@@ -47,9 +47,9 @@ def legacy_kwargs(knobs: dict[str, Any]) -> dict[str, Any]:
     with them reproduce.
 
     Example:
-        >>> kw = legacy_kwargs({"recipe": "thorough", "sam_every": 4, "noise": 0.1})
+        >>> kw = legacy_kwargs({"recipe": "safe", "sam_rho": 0.05, "sam_every": 4, "noise": 0.1})
         >>> kw["recipe"], kw["mechanisms"]
-        ('thorough', [WeightNoise(sigma=0.1, seed=...), TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 1.0), every=4, reuse=0.7)])
+        ('safe', [WeightNoise(sigma=0.1, seed=...), TwoPassSAM(rho=0.05, warmup=0, adaptive=False, lr_range=(0.0, 1.0), every=4, reuse=0.7)])
     """
     kw = dict(knobs)
     moved = {k: kw.pop(k) for k in list(kw) if k in MOVED}
@@ -67,10 +67,10 @@ def legacy_kwargs(knobs: dict[str, Any]) -> dict[str, Any]:
     if moved.get("lookahead_k", 0) > 0:
         mechanisms.append(Lookahead(moved["lookahead_k"], moved.get("lookahead_alpha", 0.5)))
     sam_rho = kw.get("sam_rho", base.sam_rho)
-    sam_knobs = ("adaptive", "sam_every", "sam_reuse", "sam_lr_fraction", "sam_lr_ceiling")
+    sam_knobs = ("adaptive", "sam_every", "sam_reuse", "sam_lr_fraction")
     if sam_rho > 0 and any(k in moved for k in sam_knobs):
         mechanisms.append(TwoPassSAM(sam_rho, kw.get("sam_warmup", base.sam_warmup), adaptive=adaptive,
-                                     lr_range=(moved.get("sam_lr_fraction", 0.0), moved.get("sam_lr_ceiling", 1.0)),
+                                     lr_range=(moved.get("sam_lr_fraction", 0.0), kw.get("sam_lr_ceiling", base.sam_lr_ceiling)),
                                      every=moved.get("sam_every", 1), reuse=moved.get("sam_reuse", 0.7)))
     if moved.get("average_restart"):
         kind = kw.get("average", base.average)

@@ -211,7 +211,7 @@ class WeightAverage(Mechanism):
             return None
         return cls(settings.average, settings.ema_decay, every=settings.average_every,
                    width=settings.average_width, follows_lr=settings.average_follows_lr,
-                   samples=settings.average_samples)
+                   samples=settings.average_samples if settings.average == "power" else 0)
 
     def weight(self, lr: float | None, max_lr: float | None) -> float:
         """Weight of the next iterate folded in (the average holds ``count`` already)."""

@@ -19,7 +19,7 @@ Example:
     ...     opt.zero_grad(); loss = model(x).pow(2).mean(); loss.backward(); return loss
     >>> _ = opt.step(closure)
     >>> opt.mechanism("sam")
-    TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 1.0), every=1, reuse=0.0)
+    TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 0.1), every=1, reuse=0.0)
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ class TwoPassSAM(Mechanism):
 
     @classmethod
     def from_settings(cls, settings: Any) -> TwoPassSAM | None:
-        return cls(settings.sam_rho, settings.sam_warmup) if settings.sam_rho > 0 else None
+        if settings.sam_rho <= 0:
+            return None
+        return cls(settings.sam_rho, settings.sam_warmup, lr_range=(0.0, settings.sam_lr_ceiling))
 
     def claims_step(self, opt: Any, closure: Any) -> bool:
         if closure is None:

@@ -31,13 +31,15 @@ RECIPES = {
     "default": ({"recipe": "default"}, False, False),
     "safe": ({"recipe": "safe"}, False, True),
     "thorough": ({"recipe": "thorough"}, True, True),
+    # its SAM starts once the LR has halved (step 4, before the checkpoint), mid-way through its ramp
+    "thorough_tail": ({"recipe": "thorough", "sam_lr_ceiling": 0.5}, True, True),
     "rho": ({"rho": 0.1, "rho_follows_lr": True}, False, False),
     "average": ({"average": "ema", "rho": 0.05}, False, True),
     "lookahead": ({"lookahead_k": 3, "average": "phase"}, False, False),
     "noise": ({"noise": 0.1}, False, False),
     "restart": ({"average": "ema", "ema_decay": 0.9, "average_restart": True, "average_every": 2}, False, True),
     "looksam": ({"recipe": "thorough", "sam_every": 3}, True, True),
-    "sam_no_warmup": ({"recipe": "thorough", "sam_warmup": 0}, True, False),
+    "sam_no_warmup": ({"recipe": "thorough", "sam_warmup": 0, "sam_lr_ceiling": 1.0}, True, False),
     "dropout_match": ({"dropout_match": True, "average": "ema"}, False, True),
 }
 

@@ -6,6 +6,7 @@
 * ``zoo-candidates``: per setup, every candidate's mean gain on the validation split.
 * ``zoo``: per setup on the **test** split: classical, then the paired gain (mean over
   seeds, 95% Student-t interval) of deepopt's default and of the peers, with the cost.
+* ``zoo-thorough``: the same for the candidates of ``recipe="thorough"`` (up to 2x).
 * ``zoo-summary``: the same by setup family, the table the README shows.
 * ``zoo-forest.png``: gain +/- 95% interval per setup and mode, on the test split.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from .report import _t95
 
 __all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table",
-           "summary_table", "forest_plot", "TEST_MODES", "LABELS", "label"]
+           "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "LABELS", "label"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
@@ -48,6 +49,11 @@ LABELS = {
         "thorough-tail+average",
     'deepopt:{"average_samples": 8}': "deepopt-samples-8",
 }
+
+
+#: The ``zoo-thorough`` test table: the candidates for ``recipe="thorough"`` (up to 2x).
+THOROUGH_MODES = [next(k for k, v in LABELS.items() if v == name)
+                  for name in ("thorough-tail+average", "thorough+average")] + ["peer-sam"]
 
 
 def label(mode: str) -> str:

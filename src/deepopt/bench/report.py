@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import zoo_report
 
             zoo_report.use_costs(path.with_name("zoo-cost.jsonl"))
+            zoo_report.derive_sam_costs(rows)
             text = put(text, "zoo-screen", zoo_report.screen_table(rows))
             text = put(text, "zoo-candidates", zoo_report.candidates_table(rows))
             text = put(text, "zoo", zoo_report.setup_table(rows))

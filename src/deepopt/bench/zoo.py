@@ -296,6 +296,32 @@ def schedule(kind: str, opt: torch.optim.Optimizer, steps: int, epochs: int) -> 
     raise ValueError(f"schedule {kind!r} is unknown")
 
 
+def tail_share(kind: str, steps: int, epochs: int, train_loss: list[float] | None = None,
+               ceiling: float = 0.1) -> float:
+    """The share of a run's steps whose LR is at most ``ceiling`` times the largest so far.
+
+    Replays schedule ``kind`` on a dummy optimizer (``"plateau"`` on the run's per-epoch
+    ``train_loss``): where SAM limited to the low-LR tail takes its second pass.
+
+    Example:
+        >>> tail_share("none", 100, 10), round(tail_share("cosine", 1000, 10), 2)
+        (0.0, 0.2)
+    """
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = schedule(kind, opt, steps, epochs)
+    per_epoch, peak, tail = max(1, steps // epochs), 0.0, 0
+    for i in range(steps):
+        lr = opt.param_groups[0]["lr"]
+        peak = max(peak, lr)
+        tail += lr <= ceiling * peak
+        if sched is not None and kind != "plateau":
+            opt.step()  # (no gradient: nothing moves) keeps the scheduler's order warning away
+            sched.step()
+        elif kind == "plateau" and (i + 1) % per_epoch == 0 and train_loss:
+            sched.step(train_loss[min((i + 1) // per_epoch, len(train_loss)) - 1])
+    return tail / steps
+
+
 @dataclass(frozen=True)
 class Setup:
     """One training setup: data, network, loss, optimizer, schedule and budget."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from .report import _t95
 
 __all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table",
-           "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "LABELS", "label"]
+           "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "LABELS", "label", "derive_sam_costs"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
@@ -107,6 +107,31 @@ def use_costs(path: Path) -> int:
             r = json.loads(line)
             COSTS[(r["setup"], r["mode"])] = r["ratio"]
     return len(COSTS)
+
+
+def derive_sam_costs(rows: list[dict]) -> int:
+    """Costs of the ``thorough`` candidates from the timed cost of a SAM step (``peer-sam``).
+
+    Their own runs shared the cores with other benchmarks, so their within-run times say
+    little, and a block median would miss a SAM that runs in part of the run only. SAM at
+    every step costs what ``peer-sam`` does; SAM in the low-LR tail what the default does plus
+    ``share * (that - 1)``, ``share`` being the steps in the tail
+    (:func:`deepopt.bench.zoo.tail_share`, replayed per run).
+    """
+    from .zoo import tail_share
+
+    every, tail = THOROUGH_MODES[1], THOROUGH_MODES[0]
+    added = 0
+    for setup in {r["setup"] for r in rows if r["mode"] in (every, tail)}:
+        sam = COSTS.get((setup, "peer-sam"))
+        runs = [r for r in rows if r["setup"] == setup and r["mode"] == tail and r["split"] == "test"]
+        if sam is None or not runs:
+            continue
+        share = statistics.fmean(tail_share(r["schedule"], r["steps"], r["epochs"], r["train_loss"]) for r in runs)
+        COSTS[(setup, every)] = sam
+        COSTS[(setup, tail)] = COSTS.get((setup, "deepopt"), 1.0) + share * (sam - 1.0)
+        added += 2
+    return added
 
 
 def _cost(rows: list[dict], mode: str, setup: str | None = None) -> float | None:

@@ -106,3 +106,19 @@ def test_a_mode_names_experimental_classes_and_takes_a_closure_when_sam_is_on():
     assert zoo_report.label('deepopt:{"average_samples": 8}') == "deepopt-samples-8"
     with pytest.raises(ValueError, match="'NoSuchThing' is unknown: use one of .*SwitchAverage"):
         zoo._activate_kwargs('deepopt:{"experimental": [{"class": "NoSuchThing"}]}')
+
+
+def test_sam_in_the_tail_is_costed_by_its_share_of_tail_steps():
+    every, tail = zoo_report.THOROUGH_MODES[:2][::-1]
+    rows = [{"setup": s, "mode": tail, "split": "test", "schedule": kind, "steps": 1000, "epochs": 10,
+             "train_loss": [1.0] * 10} for s, kind in (("flat", "none"), ("cos", "cosine"), ("drops", "drops"))]
+    zoo_report.COSTS.clear()
+    zoo_report.COSTS.update({(s, "peer-sam"): 2.0 for s in ("flat", "cos", "drops")})
+    zoo_report.COSTS[("flat", "deepopt")] = 1.1
+    assert zoo_report.derive_sam_costs(rows) == 6
+    costs = {s: zoo_report.COSTS[(s, tail)] for s in ("flat", "cos", "drops")}
+    assert costs["flat"] == 1.1  # a constant LR never reaches the tail: the default's cost
+    assert costs["cos"] == pytest.approx(1.2, abs=0.01)  # cosine: lr <= 0.1 peak over the last ~20%
+    assert costs["drops"] == pytest.approx(1.7)  # the seed's drops: everything after the first, at 30%
+    assert zoo_report.COSTS[("cos", every)] == 2.0
+    zoo_report.COSTS.clear()

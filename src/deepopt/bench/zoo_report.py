@@ -135,7 +135,9 @@ def derive_sam_costs(rows: list[dict]) -> int:
 
 
 def _cost(rows: list[dict], mode: str, setup: str | None = None) -> float | None:
-    """Median cost per step relative to classical: timed (``COSTS``), else within the run."""
+    """Median cost per step relative to classical: timed (``COSTS``), else, for an
+    evaluation-only candidate, within its classical run; ``None`` for an untimed training
+    mode (its runs may have shared the cores with other benchmarks)."""
     timed = [v for (s, m), v in COSTS.items() if m == mode and (setup is None or s == setup)]
     if timed:
         return statistics.median(timed)
@@ -144,6 +146,8 @@ def _cost(rows: list[dict], mode: str, setup: str | None = None) -> float | None
     for (s, m), by_seed in idx.items():
         if m != mode or (setup is not None and s != setup):
             continue
+        if any(r.get("trajectory", "classical") != "classical" for r in by_seed.values()):
+            return None
         base = idx.get((s, "classical"), {})
         ratios += [by_seed[k]["sec_per_step"] / base[k]["sec_per_step"] for k in by_seed if k in base]
     return statistics.median(ratios) if ratios else None

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                      help="deepopt recipe: default (about 1x cost), safe (calibration and guard only) "
-                     "or thorough (two-pass SAM, which needs deepopt.activate and step(closure) in the "
+                     "or thorough (the default plus two-pass SAM in the low-LR tail, which needs deepopt.activate "
+                     "and step(closure) in the "
                      "script: under deepopt run it trains as default, and says so). Default: default")
     run.add_argument("--off", action="store_true", help="run the script classically (the A/B twin run)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

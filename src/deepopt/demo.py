@@ -678,8 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe", choices=sorted(RECIPES), default="default",
         help="deepopt recipe for the activated run: default (about 1x cost), thorough "
-        "(exact two-pass SAM, radius ramped up over the first 1,000 steps: both runs then call "
-        "optimizer.step(closure); about 2x cost) or "
+        "(the default plus exact two-pass SAM once the LR has fallen to a tenth of its peak: both "
+        "runs then call optimizer.step(closure); up to 2x cost) or "
         "safe (start-up calibration and divergence guard only). Default: %(default)s.",
     )
     parser.add_argument(

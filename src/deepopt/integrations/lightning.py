@@ -60,7 +60,7 @@ class DeepOpt(pl.Callback):
         Start-up calibration measures the LightningModule's own ``forward``: it runs when
         ``training_step`` calls ``self(...)``; otherwise it is skipped with a warning.
         With ``recipe="thorough"`` Lightning's closure, hence ``training_step``, runs twice
-        per optimizer step (exact two-pass SAM).
+        per optimizer step once the LR has fallen to a tenth of its peak (exact two-pass SAM).
     """
 
     def __init__(self, recipe: str = "default", enabled: bool = True, **overrides: Any) -> None:

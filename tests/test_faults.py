@@ -130,7 +130,7 @@ FAULT_CASES = [
     (mlp, "adam", {"average": "phase", "lookahead_k": 3, "rho": 0.05}, False, ["grad_nan", "loss_nan"], 2),
     (bn_cnn, "adagrad", {"rho": 0.1, "adaptive": True}, False, ["input", "grad_nan"], 3),
     (bn_cnn, "rmsprop", {"recipe": "safe", "average": "ema"}, False, ["input", "loss_inf"], 4),
-    (bn_cnn, "sgd", {"recipe": "thorough"}, True, ["loss_nan", "second_pass", "grad_inf"], 5),
+    (bn_cnn, "sgd", {"recipe": "thorough", "sam_lr_ceiling": 1.0}, True, ["loss_nan", "second_pass", "grad_inf"], 5),
 ]
 
 
@@ -333,9 +333,9 @@ EXCEPTION_CASES = [
     ({"rho": 0.3, "average": "ema"}, False, "forward"),
     ({"rho": 0.3, "average": "ema"}, False, "backward"),
     ({"rho": 0.3}, True, "closure1"),
-    ({"recipe": "thorough"}, True, "closure1"),
-    ({"recipe": "thorough"}, True, "closure2"),
-    ({"recipe": "thorough", "rho": 0.3, "average": "ema"}, True, "closure2"),
+    ({"recipe": "thorough", "sam_lr_ceiling": 1.0}, True, "closure1"),
+    ({"recipe": "thorough", "sam_lr_ceiling": 1.0}, True, "closure2"),
+    ({"recipe": "thorough", "sam_lr_ceiling": 1.0, "rho": 0.3, "average": "ema"}, True, "closure2"),
 ]
 
 

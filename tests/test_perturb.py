@@ -132,7 +132,7 @@ def test_two_pass_sam_matches_reference_and_keeps_bn_stats():
     ref = bn_cnn()
     ref.load_state_dict(model.state_dict())
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="thorough",
-                                  guard=False, sam_warmup=0)
+                                  guard=False, sam_warmup=0, sam_lr_ceiling=1.0)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     x, y = data("img", n=16)
     loss_fn = nn.functional.cross_entropy
@@ -176,7 +176,7 @@ def test_sam_warmup_ramps_the_radius_step_by_step():
         torch.manual_seed(0)
         model = bn_cnn()
         model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                      recipe="thorough", **overrides)
+                                      recipe="thorough", sam_lr_ceiling=1.0, **overrides)
         for i, rho in enumerate(radii):
             if rho is not None:  # stands in for the ramp: a fresh setting per step
                 opt.mechanism("sam").rho = rho

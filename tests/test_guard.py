@@ -60,3 +60,41 @@ def test_guard_off_lets_nan_through():
     (model(torch.ones(1, 2)) * float("nan")).sum().backward()
     opt.step()
     assert not torch.isfinite(model.weight).all()
+
+
+@pytest.mark.parametrize("extra, skipped", [(float("inf"), 1), (float("nan"), 1), (0.0, 0)])
+def test_closure_loss_is_checked_even_where_the_gradients_are_finite(extra, skipped):
+    """A non-finite loss whose gradients are finite (a constant term) is skipped; the loss is left as it was."""
+    model = nn.Linear(2, 1)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe")
+    before = model.weight.detach().clone()
+    expected = (before.sum() + model.bias).item()
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).sum() + extra
+        loss.backward()
+        losses.append(loss)
+        return loss
+
+    returned = opt.step(closure)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert opt.mechanism("guard").skipped == skipped
+    assert torch.equal(model.weight, before) == bool(skipped)
+    assert returned is losses[-1] and returned._version == 0  # the user's loss, not written to
+    if not skipped:
+        assert returned.item() == pytest.approx(expected)  # its value at the weights before the step
+
+
+def test_integer_closure_loss_counts_as_finite():
+    model = nn.Linear(2, 1)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe")
+
+    def closure():
+        opt.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        return torch.tensor(3)
+
+    opt.step(closure)
+    assert opt.mechanism("guard").skipped == 0

@@ -84,7 +84,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 def _finite_by_norms(tensors: list[Tensor]) -> bool:
     # A sum of norms is non-finite iff some element is; one reduction per tensor.
-    norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
+    norms = torch._foreach_norm([t if t.dtype in (torch.float32, torch.float64) or t.is_complex() else t.float()
+                                 for t in tensors])
     return math.isfinite(torch.stack(norms).sum().item())
 
 
@@ -144,8 +145,13 @@ class DivergenceGuard(Mechanism):
         self._snapshot_taken = True
 
     def accept(self, opt: Any, loss: Any) -> bool:
-        ok = loss is None or not isinstance(loss, Tensor) or bool(torch.isfinite(loss.detach()).all())
-        ok = ok and all_finite([p.grad for p in opt.params() if p.grad is not None])
+        checked = [p.grad for p in opt.params() if p.grad is not None]
+        # The loss joins the gradients' fused check: one sync per step instead of two (its
+        # multiplication by exactly 1.0 leaves values and version counters as they were).
+        # An integer loss is always finite.
+        if isinstance(loss, Tensor) and (loss.is_floating_point() or loss.is_complex()):
+            checked.append(loss.detach().reshape(-1))
+        ok = all_finite(checked)
         if not ok and self._snapshot_taken:
             # A NaN batch would otherwise leave NaN running statistics in BatchNorm (and so in
             # every later evaluation) although its update was skipped. Before record(), which may raise.

@@ -155,8 +155,9 @@ RECIPES: dict[str, Settings] = {
     # validation splits +0.28 points against +0.16 for SAM at every step (with the same
     # average) and -0.99 for plain SAM, which loses the nets still learning fast (GRU,
     # dropout MLP); at a constant LR it costs nothing and does what the default does.
-    # Under the seed's drops it is SAM for the last 70% of the steps, where its gain on
-    # net 6 at 100 epochs was made (BENCHMARKS.md 1.3). The 1,000-step ramp stays: at full
+    # Under the seed's drops it is SAM for the last 70% of the steps (~1.75x): +0.53 and
+    # +0.80 points on nets 6 and 5 at 20 epochs, +1.44 on net 6 at 100 (BENCHMARKS.md 3),
+    # every seed above classical. The 1,000-step ramp stays: at full
     # radius from step 0, SAM left the seed's 13-layer MLP at chance on 2 of 3 seeds.
     "thorough": Settings(sam_rho=0.05, sam_warmup=1000, sam_lr_ceiling=0.1, dropout_match=True, average="power",
                          average_width=0.05, average_follows_lr=True, average_every=4, average_samples=8),

@@ -7,6 +7,7 @@
 * ``zoo``: per setup on the **test** split: classical, then the paired gain (mean over
   seeds, 95% Student-t interval) of deepopt's default and of the peers, with the cost.
 * ``zoo-thorough``: the same for the candidates of ``recipe="thorough"`` (up to 2x).
+* ``zoo-msam``: the same for the momentum-direction perturbation (MSAM) with the default's average.
 * ``zoo-summary``: the same by setup family, the table the README shows.
 * ``zoo-forest.png``: gain +/- 95% interval per setup and mode, on the test split.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from .report import _t95
 
 __all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table",
-           "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "LABELS", "label", "derive_sam_costs"]
+           "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "MSAM_MODES", "LABELS", "label", "derive_sam_costs"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
 TEST_MODES = ["deepopt", "peer-ema-swa-utils", "peer-ema-pytorch", "peer-sam"]
@@ -48,12 +49,19 @@ LABELS = {
     'deepopt:{"recipe":"thorough","sam_lr_ceiling":0.1,' + _AVERAGE.replace(": ", ":").replace(", ", ",") + "}":
         "thorough-tail+average",
     'deepopt:{"average_samples": 8}': "deepopt-samples-8",
+    'deepopt:{"rho":0.05}': "msam-0.05+average",
+    'deepopt:{"rho":0.2}': "msam-0.2+average",
 }
 
 
 #: The ``zoo-thorough`` test table: the candidates for ``recipe="thorough"`` (up to 2x).
 THOROUGH_MODES = [next(k for k, v in LABELS.items() if v == name)
                   for name in ("thorough-tail+average", "thorough+average")] + ["peer-sam"]
+
+
+#: The ``zoo-msam`` test table: MSAM (``rho``) on top of the default, at two radii, beside the default.
+MSAM_MODES = [next(k for k, v in LABELS.items() if v == name)
+              for name in ("msam-0.05+average", "msam-0.2+average")] + ["deepopt"]
 
 
 def label(mode: str) -> str:
@@ -217,7 +225,7 @@ def setup_table(rows: list[dict], modes: list[str] | None = None) -> str:
             g = per_mode[mode].get(setup)
             cost = _cost(rows, mode, setup)
             cells.append("" if not g else f"{_fmt(*interval(g))}{_mark(*interval(g))} "
-                         f"({'' if cost is None else f'{cost:.2f}x'}, {len(g)} seeds)")
+                         f"({'' if cost is None else f'{cost:.2f}x, '}{len(g)} seeds)")
         out.append(f"| {setup} | {sched} | {m0:.2f} ± {h0:.2f} | " + " | ".join(cells) + " |")
     for mode_i, mode in enumerate(modes):
         per_setup = per_mode[mode]

@@ -194,3 +194,27 @@ def test_sam_warmup_ramps_the_radius_step_by_step():
     full = run([None, None], sam_rho=0.2, sam_warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(warmed, by_hand))
     assert not all(torch.equal(a, b) for a, b in zip(warmed, full))
+
+
+def test_lr_ceiling_perturbs_only_in_the_low_lr_tail():
+    """With lr_ceiling=0.1 the gradient is taken at w until the LR falls to a tenth of its peak, then at w - e."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    model, opt = deepopt.activate(model, opt, recipe="safe", calibrate=False,
+                                  mechanisms=[MomentumPerturbation(0.3, lr_ceiling=0.1)])
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    at_w = nn.Linear(4, 1)
+    perturbed = []
+    for lr in [1.0, 0.5, 0.2, 0.1, 0.05]:
+        opt.param_groups[0]["lr"] = lr
+        at_w.load_state_dict(model.state_dict())  # the training weights, before the forward
+        at_w.zero_grad()
+        at_w(x).pow(2).mean().backward()
+        model(x).pow(2).mean().backward()
+        perturbed.append(not torch.equal(model.weight.grad, at_w.weight.grad))
+        opt.step(); opt.zero_grad()
+    # the first step has no momentum yet; 0.5 and 0.2 lie above the ceiling
+    assert perturbed == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="lr_ceiling=0 is invalid"):
+        MomentumPerturbation(0.1, lr_ceiling=0)

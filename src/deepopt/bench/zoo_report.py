@@ -51,6 +51,8 @@ LABELS = {
     'deepopt:{"average_samples": 8}': "deepopt-samples-8",
     'deepopt:{"rho":0.05}': "msam-0.05+average",
     'deepopt:{"rho":0.2}': "msam-0.2+average",
+    'deepopt:{"experimental":[{"class":"MomentumPerturbation","rho":0.05,"lr_ceiling":0.1}]}': "msam-tail-0.05+average",
+    'deepopt:{"experimental":[{"class":"MomentumPerturbation","rho":0.2,"lr_ceiling":0.1}]}': "msam-tail-0.2+average",
 }
 
 
@@ -61,7 +63,8 @@ THOROUGH_MODES = [next(k for k, v in LABELS.items() if v == name)
 
 #: The ``zoo-msam`` test table: MSAM (``rho``) on top of the default, at two radii, beside the default.
 MSAM_MODES = [next(k for k, v in LABELS.items() if v == name)
-              for name in ("msam-0.05+average", "msam-0.2+average")] + ["deepopt"]
+              for name in ("msam-0.05+average", "msam-0.2+average", "msam-tail-0.05+average",
+                           "msam-tail-0.2+average")] + ["deepopt"]
 
 
 def label(mode: str) -> str:

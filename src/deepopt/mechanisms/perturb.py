@@ -138,6 +138,8 @@ class MomentumPerturbation(Mechanism):
         ascent: perturb along ``+m`` (uphill, SAM's sign with the momentum standing in for
             the gradient) instead of ``-m`` (experimental; BENCHMARKS.md, section 1).
         adaptive: scale-adaptive radius (ASAM), per weight ``|w| + 0.01`` (experimental).
+        lr_ceiling: perturb only while ``lr <= lr_ceiling * (largest lr so far)``, in the
+            low-LR tail of a schedule, as ``TwoPassSAM``'s ``lr_range`` (experimental).
 
     Example:
         >>> import torch, deepopt
@@ -145,7 +147,7 @@ class MomentumPerturbation(Mechanism):
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model, opt = deepopt.activate(model, opt, recipe="safe", rho=0.05)
         >>> opt.mechanism("perturb")
-        MomentumPerturbation(rho=0.05, follows_lr=False, ascent=False, adaptive=False)
+        MomentumPerturbation(rho=0.05, follows_lr=False, ascent=False, adaptive=False, lr_ceiling=1.0)
     """
 
     name = "perturb"
@@ -153,10 +155,15 @@ class MomentumPerturbation(Mechanism):
     perturbs = True
     unsafe_when_sharded = "its norm would be each rank's shard's norm"
 
-    def __init__(self, rho: float, follows_lr: bool = False, ascent: bool = False, adaptive: bool = False) -> None:
+    def __init__(self, rho: float, follows_lr: bool = False, ascent: bool = False, adaptive: bool = False,
+                 lr_ceiling: float = 1.0) -> None:
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
             raise ValueError(f"rho={rho!r} is invalid: it must be a number > 0, e.g. 0.05.")
+        if isinstance(lr_ceiling, bool) or not isinstance(lr_ceiling, (int, float)) or not 0 < lr_ceiling <= 1:
+            raise ValueError(f"lr_ceiling={lr_ceiling!r} is invalid: it must lie in (0, 1], e.g. 0.1 "
+                             "(the low-LR tail) or 1.0 (every step).")
         self.rho, self.follows_lr, self.ascent, self.adaptive = float(rho), follows_lr, ascent, adaptive
+        self.lr_ceiling = float(lr_ceiling)
         self.grads: list[Tensor | None] = []  # the last gradients, where no momentum is kept
         self._momentum: bool | None = None  # whether the base optimizer keeps a momentum
 
@@ -172,7 +179,7 @@ class MomentumPerturbation(Mechanism):
         lr = opt.lr
         max_lr = max(opt.max_lr, lr)  # max_lr is set after an update: a skipped step leaves no trace
         rho = self.rho * (lr / max_lr if self.follows_lr and max_lr > 0 else 1.0)
-        if rho <= 0:
+        if rho <= 0 or lr > self.lr_ceiling * max_lr:
             return None
         params = opt.params()
         last = self.grads if len(self.grads) == len(params) else [None] * len(params)
@@ -212,4 +219,4 @@ class MomentumPerturbation(Mechanism):
 
     def __repr__(self) -> str:
         return (f"MomentumPerturbation(rho={self.rho}, follows_lr={self.follows_lr}, ascent={self.ascent}, "
-                f"adaptive={self.adaptive})")
+                f"adaptive={self.adaptive}, lr_ceiling={self.lr_ceiling})")

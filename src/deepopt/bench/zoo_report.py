@@ -56,15 +56,18 @@ LABELS = {
 }
 
 
+def _modes(*names: str) -> list[str]:
+    """The modes of :data:`LABELS` called ``names``, in that order."""
+    return [next(k for k, v in LABELS.items() if v == name) for name in names]
+
+
 #: The ``zoo-thorough`` test table: the candidates for ``recipe="thorough"`` (up to 2x).
-THOROUGH_MODES = [next(k for k, v in LABELS.items() if v == name)
-                  for name in ("thorough-tail+average", "thorough+average")] + ["peer-sam"]
+THOROUGH_MODES = _modes("thorough-tail+average", "thorough+average") + ["peer-sam"]
 
-
-#: The ``zoo-msam`` test table: MSAM (``rho``) on top of the default, at two radii, beside the default.
-MSAM_MODES = [next(k for k, v in LABELS.items() if v == name)
-              for name in ("msam-0.05+average", "msam-0.2+average", "msam-tail-0.05+average",
-                           "msam-tail-0.2+average")] + ["deepopt"]
+#: The ``zoo-msam`` test table: MSAM (``rho``) on top of the default, everywhere or in the
+#: low-LR tail, at two radii, beside the default.
+MSAM_MODES = _modes("msam-0.05+average", "msam-0.2+average", "msam-tail-0.05+average",
+                    "msam-tail-0.2+average") + ["deepopt"]
 
 
 def label(mode: str) -> str:

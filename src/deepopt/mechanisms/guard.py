@@ -84,8 +84,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 def _finite_by_norms(tensors: list[Tensor]) -> bool:
     # A sum of norms is non-finite iff some element is; one reduction per tensor.
-    norms = torch._foreach_norm([t if t.dtype in (torch.float32, torch.float64) or t.is_complex() else t.float()
-                                 for t in tensors])
+    norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
     return math.isfinite(torch.stack(norms).sum().item())
 
 

@@ -118,7 +118,8 @@ def install_from_env() -> None:
 
 
 def _first_backward(*args: Any, **kwargs: Any) -> Any:
-    torch.autograd.backward = _autograd_backward  # once is enough: no cost on later backwards
+    if torch.autograd.backward is _first_backward:  # once is enough: no cost on later backwards
+        torch.autograd.backward = _autograd_backward
     if not _built and _config is not None:
         _tell_none("before the first backward")
     return _autograd_backward(*args, **kwargs)
@@ -203,12 +204,6 @@ def _activate(module: nn.Module, opt: torch.optim.Optimizer, params: list, args:
     extra = "".join(f" {k}={v}" for k, v in overrides.items())
     n = sum(p.numel() for p in params)
     say(f"activated {name} on {model_name} ({len(params)} tensors, {n} parameters), recipe={recipe}{extra}")
-    for m in (m for m in wrapper.mechanisms if m.needs_closure):
-        # The README promises a warning: the script's own step() never reaches deepopt's.
-        say(f"{m.label} does not act under deepopt run: "
-            "torch's step hooks cannot run the closure twice, so this run trains without it. "
-            f"For SAM add `model, optimizer = deepopt.activate(model, optimizer, recipe={recipe!r})` "
-            "to the script and call optimizer.step(closure).")
     # The hooks just registered on the model miss this call's pre-hooks: run that one now.
     wrapper.forward_started(module, args, {})
 

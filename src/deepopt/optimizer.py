@@ -182,7 +182,7 @@ class DeepOptimizer(torch.optim.Optimizer):
                     loss = closure()
         finally:
             self.show("train")
-        if self.accept(loss):
+        if self.accept(loss) and self.replace_grads():
             self.base_step(kwargs)
             self.after_update()
         return loss
@@ -202,11 +202,17 @@ class DeepOptimizer(torch.optim.Optimizer):
                 return False
         return True
 
+    def replace_grads(self) -> bool:
+        """After :meth:`accept` without a closure: each mechanism may replace ``.grad``
+        (two-pass SAM's second pass); ``False``: skip the update."""
+        return all(m.replace_grads(self) for m in self._by_event["replace_grads"])
+
     def before_update(self, loss: Any = None) -> bool:
-        """For drivers calling the base step themselves: training weights shown, then :meth:`accept`."""
+        """For drivers calling the base step themselves: training weights shown, then
+        :meth:`accept` and :meth:`replace_grads`."""
         self._params_stale = True
         self.show("train")
-        return self.accept(loss)
+        return self.accept(loss) and self.replace_grads()
 
     @torch.no_grad()
     def after_update(self) -> None:
@@ -376,6 +382,8 @@ class DeepOptimizer(torch.optim.Optimizer):
     def detach(self) -> torch.optim.Optimizer:
         """Remove deepopt from the model (training weights shown) and return the base optimizer."""
         self.show("train")
+        for m in self._by_event["detach"]:
+            m.detach(self)
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -18,10 +18,13 @@ Events, in the order a step meets them:
 * :meth:`claims_step`: whether this mechanism runs ``step(closure)`` itself
   (:meth:`run_step`), e.g. two-pass SAM.
 * :meth:`accept`: before the update; ``False`` skips it (the divergence guard).
+* :meth:`replace_grads`: after ``accept``, on a ``step()`` without closure: may replace the
+  user's gradients (two-pass SAM's gradient at ``w + e``, replayed); ``False`` skips the update.
 * :meth:`after_update`: after the base optimizer updated the weights.
 * :meth:`show_eval`: put the evaluation weights in place (``model.eval()`` forwards,
   ``state_dict()`` in eval mode): enter the view with ``opt.views.enter(...)`` first.
 * :meth:`on_weights_loaded`: ``model.load_state_dict`` put new weights in.
+* :meth:`detach`: ``deepopt.deactivate``: remove what :meth:`attach` installed.
 
 Facts others ask of the list (class attributes, read by the optimizer, ``activate`` and
 the drivers): :attr:`needs_closure`, :attr:`needs_one_pass`, :attr:`perturbs`,
@@ -65,8 +68,8 @@ __all__ = ["Mechanism", "Perturbation", "EVENTS"]
 Perturbation = tuple[list[Tensor], list[Tensor], float]
 
 #: The event methods; the optimizer calls each only on the mechanisms that override it.
-EVENTS = ("on_train_forward", "perturbation", "claims_step", "accept", "after_update", "show_eval",
-          "on_weights_loaded")
+EVENTS = ("on_train_forward", "perturbation", "claims_step", "accept", "replace_grads", "after_update",
+          "show_eval", "on_weights_loaded", "detach")
 
 
 class Mechanism:
@@ -124,6 +127,11 @@ class Mechanism:
         """Before the update: ``False`` skips it (the weights and optimizer state stay)."""
         return True
 
+    def replace_grads(self, opt: DeepOptimizer) -> bool:
+        """After :meth:`accept` on a ``step()`` without closure: may replace ``.grad``;
+        ``False`` skips the update."""
+        return True
+
     def after_update(self, opt: DeepOptimizer) -> None:
         """After the base optimizer's update."""
 
@@ -133,6 +141,9 @@ class Mechanism:
     def on_weights_loaded(self, opt: DeepOptimizer, resumed: bool) -> None:
         """New weights were loaded into the model (``resumed``: the training weights of a
         checkpoint this optimizer just loaded, not new ones)."""
+
+    def detach(self, opt: DeepOptimizer) -> None:
+        """``deepopt.deactivate``: remove whatever :meth:`attach` installed."""
 
     # -- state and report --------------------------------------------------------------------
     def idle(self, opt: DeepOptimizer) -> str | None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..replay import LoopRecorder
 from .base import Mechanism
 from .looksam import LookSAM, orthogonal_part, reuse_
 from .perturb import perturbation, warmed_up
@@ -72,7 +73,9 @@ class TwoPassSAM(Mechanism):
         self.lr_range = (float(low), float(high))
         self.every, self.reuse = every, reuse
         self.look = LookSAM(every, reuse) if every > 1 else None
-        self._told = False  # said once that a step() without closure skips SAM
+        self.recorder: LoopRecorder | None = None
+        self.two_pass_steps = 0  # steps whose gradient was taken at w + e
+        self._told = False  # said once whether SAM runs on a loop without closure
 
     @classmethod
     def from_settings(cls, settings: Any) -> TwoPassSAM | None:
@@ -80,33 +83,84 @@ class TwoPassSAM(Mechanism):
             return None
         return cls(settings.sam_rho, settings.sam_warmup, lr_range=(0.0, settings.sam_lr_ceiling))
 
-    def claims_step(self, opt: Any, closure: Any) -> bool:
-        if closure is None:
-            if not self._told:
-                self._told = True
-                from ..hooks import say
+    def attach(self, opt: Any) -> bool:
+        # Watches the loop from the first step, so the user hears at once whether SAM will
+        # run there, even if it starts only in the low-LR tail.
+        self.recorder = LoopRecorder(opt.model, opt.params)
+        return True
 
-                say(f"{self.label} acts only through optimizer.step(closure); this "
-                    "step() got no closure, so SAM is skipped (here and at every step without one). "
-                    "Pass a closure that zeroes the grads, computes the loss, calls backward and returns the loss.")
-            return False
+    def detach(self, opt: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+
+    def in_window(self, opt: Any) -> bool:
+        """Whether this step's LR lies in ``lr_range`` (of the largest LR so far)."""
         lr = opt.lr
         max_lr = max(opt.max_lr, lr)
         return self.lr_range[0] * max_lr <= lr <= self.lr_range[1] * max_lr
 
+    def claims_step(self, opt: Any, closure: Any) -> bool:
+        if closure is None:
+            return False  # replace_grads replays the loop's loss, if it can
+        if self.recorder is not None:  # the user passes closures: nothing to replay
+            self.detach(opt)
+        return self.in_window(opt)
+
     def run_step(self, opt: Any, closure: Any, kwargs: dict) -> Any:
-        params = opt.params()
         opt.show("train")
+        try:
+            # The model hooks hold during the closure, but its forward still starts a
+            # training step (calibration, the guard's buffer snapshot, dropout's batch).
+            with opt.hold(first_pass=True), torch.enable_grad():
+                loss = closure()
+        finally:
+            opt.show("train")
+        if opt.accept(loss) and self._sharpen(opt, closure):
+            opt.base_step(kwargs)
+            opt.after_update()
+        return loss
+
+    def replace_grads(self, opt: Any) -> bool:
+        """Without a closure: replay the loop's own loss at ``w + e`` (:mod:`deepopt.replay`)."""
+        recorder = self.recorder
+        if recorder is None:
+            return True
+        in_window = self.in_window(opt)
+        closure, what = recorder.replay() if in_window or not self._told else (None, "")
+        if not self._told:
+            self._tell(opt, closure is not None, what)
+        if closure is None or not in_window:
+            recorder.clear()
+            return True
+        try:
+            ok = self._sharpen(opt, closure)
+        finally:
+            recorder.clear()
+        return ok and not recorder.found_inf
+
+    def _tell(self, opt: Any, can: bool, what: str) -> None:
+        from ..hooks import say
+
+        self._told = True
+        low, high = self.lr_range
+        when = ("at every step" if (low, high) == (0.0, 1.0) else
+                f"while the LR is at most {high:g} of its peak" if low == 0.0 else
+                f"while the LR lies within {low:g} to {high:g} of its peak")
+        if can:
+            say(f"{self.label} runs on this loop without a closure ({what}; recomputed at w + e in step()), {when}.")
+        else:
+            say(f"{self.label} cannot run on this loop: {what}; it trains without SAM. To run it, pass "
+                "the loss as a closure: `def closure(): optimizer.zero_grad(); loss = ...; loss.backward(); "
+                "return loss` then `optimizer.step(closure)`.")
+
+    def _sharpen(self, opt: Any, closure: Any) -> bool:
+        """Replace the gradient at ``w`` in ``.grad`` by the one at ``w + e`` (``closure``
+        recomputes the loss); ``False`` if the result must not be applied."""
+        with_grad = [p for p in opt.params() if p.grad is not None]
         look, ortho = self.look, None
         try:
-            # The model hooks hold during the closures, but the first forward still starts a
-            # training step (calibration, the guard's buffer snapshot, dropout's batch).
-            with opt.hold(first_pass=True):
-                with torch.enable_grad():
-                    loss = closure()
-                if not opt.accept(loss):
-                    return loss
-                with_grad = [p for p in params if p.grad is not None]
+            with opt.hold():
                 if look is not None and not look.exact_now() and (look.alpha == 0 or len(look.ortho) == len(with_grad)):
                     if look.alpha > 0:  # one pass only; alpha 0 keeps the plain gradient
                         reuse_([p.grad for p in with_grad], look.ortho, look.alpha)
@@ -115,13 +169,11 @@ class TwoPassSAM(Mechanism):
         finally:
             opt.show("train")
         if not opt.accept(None):
-            return loss
-        opt.base_step(kwargs)
-        opt.after_update()
+            return False
         if look is not None:
             look.ortho = look.ortho if ortho is None else ortho  # kept only from a finite step
             look.advance()
-        return loss
+        return True
 
     def _second_pass(self, opt: Any, closure: Any, with_grad: list[Tensor]) -> list[Tensor] | None:
         """Leave in ``.grad`` the gradient at ``w + e``; return LookSAM's ``g_v`` (if reused)."""
@@ -138,6 +190,7 @@ class TwoPassSAM(Mechanism):
             opt.optimizer.zero_grad()
             with torch.enable_grad():
                 closure()
+            self.two_pass_steps += 1
         finally:
             # The second pass must not move BatchNorm running statistics, even if it raised.
             with torch.no_grad():
@@ -149,16 +202,17 @@ class TwoPassSAM(Mechanism):
         return orthogonal_part(sam_grads, clean)
 
     def state_dict(self) -> dict:
-        return {} if self.look is None else self.look.state_dict()
+        return {"two_pass_steps": self.two_pass_steps, **({} if self.look is None else self.look.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.two_pass_steps = int(state.pop("two_pass_steps", 0))
         if self.look is not None and state:
             self.look.load_state_dict(state)
 
     @property
     def label(self) -> str:
         return f"two-pass SAM (sam_rho={self.rho})"
-
 
     def __repr__(self) -> str:
         return (f"TwoPassSAM(rho={self.rho}, warmup={self.warmup}, adaptive={self.adaptive}, "

@@ -187,9 +187,9 @@ def test_deactivate_puts_torch_functions_back():
 
     from deepopt import replay
 
-    gc.collect()  # the recorders of earlier tests' optimizers
-    assert not replay._recorders
-    replay.unwatch()
+    gc.collect()
+    for recorder in list(replay._recorders):  # earlier tests' optimizers, still referenced
+        recorder.close()
     original = torch.autograd.backward
     model = make(None)
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **SAM_EVERY_STEP)

@@ -86,7 +86,7 @@ def train(style, closure_free, accumulate=1, clip=None, settings=SAM_EVERY_STEP,
             opt.step()
             opt.zero_grad()
         else:
-            def closure():
+            def closure(xs=xs, ys=ys):
                 opt.zero_grad()
                 return passes(xs, ys)
             opt.step(closure)

@@ -197,3 +197,74 @@ def test_deactivate_puts_torch_functions_back():
     deepopt.deactivate(model, opt)
     del opt
     assert torch.autograd.backward is original and not replay._originals
+
+
+class InfOnCall(nn.Module):
+    """Identity, except that its ``bad``-th forward with grad enabled returns inf."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, x):
+        self.calls += torch.is_grad_enabled()
+        return x * float("inf") if self.calls == self.bad and torch.is_grad_enabled() else x
+
+
+def amp_loop(model, opt, scaler, steps, dtype=torch.float16, inf_batch=None):
+    """The mixed-precision loop of the torch.amp docs, with clipping; what each step did."""
+    criterion, gen, done = nn.CrossEntropyLoss(), torch.Generator().manual_seed(1), []
+    for step in range(steps):
+        x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        if step == inf_batch:
+            x[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.autocast("cpu", dtype=dtype):
+            loss = criterion(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        done.append(not all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+    return done
+
+
+def test_fp16_grad_scaler_loop_runs_sam_and_a_skipped_step_leaves_no_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  **SAM_EVERY_STEP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    updated = amp_loop(model, opt, scaler, 6, inf_batch=3)
+    assert updated == [True, True, True, False, True, True]  # the scaler skipped step 3 whole
+    assert opt.mechanism("sam").two_pass_steps == opt.steps == 5
+    assert scaler.get_scale() == 2.0**15
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_inf_in_the_second_pass_skips_the_step_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), InfOnCall(bad=4), nn.Linear(16, 3))
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  **SAM_EVERY_STEP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    updated = amp_loop(model, opt, scaler, 3)  # calls 1, 2: step 0; 3, 4: step 1 (replay inf)
+    assert updated == [True, False, True]
+    assert opt.steps == 2 and opt.views.current == "train"
+    assert scaler.get_scale() == 2.0**15  # the scaler heard of the inf
+
+
+def test_bf16_autocast_runs_sam():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **SAM_EVERY_STEP)
+    criterion = nn.CrossEntropyLoss()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = criterion(model(torch.randn(8, 5)), torch.randint(0, 3, (8,)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.mechanism("sam").two_pass_steps == 3

@@ -295,12 +295,19 @@ class LoopRecorder:
     def after_call(self, name: str, original: Callable, args: tuple, kwargs: dict, untouched: bool) -> None:
         """After a watched call: note a transform of this optimizer's gradients, to repeat it."""
         if name != "backward" and self.passes:
-            if self._grads_as_left():
+            # GradScaler's unscale kernel leaves the version counters as they were: ask its
+            # optimizer instead whether these gradients were unscaled.
+            ours = self._owns(args[1]) if name == "unscale_" else not self._grads_as_left()
+            if not ours:
                 return  # another optimizer's gradients
             if not untouched and self.problem is None:
                 self.problem = "the gradients were changed after backward() by something deepopt cannot repeat"
             self.after.append((name, original, args, kwargs))
         self._grads = self._grad_state()
+
+    def _owns(self, optimizer: Any) -> bool:
+        mine = {id(p) for p in self.params()}
+        return any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
 
     def _check_backward(self, args: tuple, kwargs: dict) -> None:
         tensors = args[0] if args else kwargs.get("tensors")

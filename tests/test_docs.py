@@ -54,6 +54,11 @@ def test_site_builds_strict_with_every_page_and_the_api_reference(tmp_path):
                  "deepopt.DeepOptimizer", "deepopt.DivergenceError"):
         assert f'id="{name}"' in api, name
     assert "activating twice is a no-op" in api
+    # Sphinx roles in docstrings became links (full deepopt paths) or code, never raw text.
+    integrations = (site / "reference" / "integrations" / "index.html").read_text(encoding="utf-8")
+    assert 'href="../deepopt/#deepopt.activate"' in integrations
+    for page in (site / "reference").rglob("*.html"):
+        assert not re.search(r":(func|class|meth|attr|data|mod):", page.read_text(encoding="utf-8")), page
     experimental = (site / "reference" / "experimental" / "index.html").read_text(encoding="utf-8")
     for name in ("MomentumPerturbation", "TwoPassSAM", "WeightNoise", "Lookahead", "WeightAverage",
                  "SwitchAverage", "legacy_kwargs"):

@@ -122,3 +122,8 @@ def test_readme_is_the_front_door():
     assert "<!-- BEGIN zoo-summary -->" in section and "<!-- END zoo-summary -->" in section
     assert "(benchmarks/plots/zoo-forest.png)" in section
     assert "](docs/" not in section  # links into docs/ would not resolve from the results page
+    # Outside the snippet no build checks the README's links: every relative one must exist.
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        assert link.startswith("http") or (ROOT / link).exists(), f"README links to a missing {link}"

@@ -4,7 +4,7 @@ Each script in ``tests/clients/`` runs under ``deepopt run --off`` (plain PyTorc
 ``deepopt run`` and with an explicit ``deepopt.activate`` (``DEEPOPT_CLIENT=activate``).
 The default recipe leaves training unchanged on these healthy nets, so the training
 weights must be bitwise equal all three ways, and what deepopt cannot do is said once,
-in one ``deepopt:`` line. The README's "Works with" table records the same.
+in one ``deepopt:`` line. docs/integrations/works-with.md records the same.
 """
 
 from __future__ import annotations

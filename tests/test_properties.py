@@ -11,7 +11,7 @@ On every combination that trains:
   them into a freshly built and activated model and optimizer continues bit for bit.
 
 The number of cases is fixed (``derandomize=True``) and printed at the end of the run
-(``pytest tests/test_properties.py -s``); README.md states it.
+(``pytest tests/test_properties.py -s``); docs/guarantees.md states it.
 """
 
 from __future__ import annotations

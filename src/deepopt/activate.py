@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .mechanisms import REGISTRY, Mechanism, compose
+from .mechanisms import Mechanism, compose
 from .optimizer import DeepOptimizer
 from .recipes import resolve
 
@@ -51,8 +51,14 @@ def activate(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not an optimizer.
         ValueError: unknown recipe/override, out-of-range value, optimizer parameters
-            that are not the model's, nothing to train, or a sharded model (FSDP,
-            ``fully_shard``, DTensor parameters): use DistributedDataParallel.
+            that are not the model's, nothing to train, or a model sharded otherwise than by
+            ``fully_shard`` on a 1-D mesh (the older ``FullyShardedDataParallel`` wrapper,
+            tensor parallelism), or with a mechanism that cannot act on shards.
+
+    Sharded training (FSDP2): apply ``torch.distributed.fsdp.fully_shard`` first, build the
+    optimizer on the sharded parameters, then call ``activate`` (:mod:`deepopt.distributed`
+    says how each mechanism acts on shards; :mod:`deepopt.sharded_state` how its state
+    goes through ``torch.distributed.checkpoint``).
 
     Example:
         >>> import torch, deepopt
@@ -154,16 +160,26 @@ def _sharding(model: nn.Module) -> str | None:
 
 
 def _check_not_sharded(model: nn.Module, mechanisms: list[Mechanism]) -> None:
+    """Let through unsharded models and ``fully_shard`` on a 1-D mesh with mechanisms that act on shards."""
     kind = _sharding(model)
     if kind is None:
         return
-    unsafe = [f"{cls.example().label.split(' (')[0]}: {cls.unsafe_when_sharded}" for cls in REGISTRY
-              if cls.unsafe_when_sharded]
-    enabled = [m.label for m in mechanisms if m.unsafe_when_sharded]
-    raise ValueError(
-        f"deepopt does not support sharded models; this model uses {kind}. Under sharding "
-        "each rank holds only a shard of every weight, so the evaluation view swaps and these "
-        f"mechanisms cannot act: {'; '.join(unsafe)}. Enabled by your settings: "
-        f"{', '.join(enabled) or 'none'}. Wrap the model in "
-        "torch.nn.parallel.DistributedDataParallel instead (supported), or pass enabled=False."
-    )
+    if kind != "fully_shard (FSDP2)":
+        raise ValueError(
+            f"deepopt does not support this sharded model; it uses {kind}. Shard it with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) on a 1-D device mesh instead (supported: each "
+            "mechanism acts on the local shards), or wrap it in torch.nn.parallel.DistributedDataParallel, "
+            "or pass enabled=False."
+        )
+    meshes = {p.device_mesh.ndim for p in model.parameters() if hasattr(p, "device_mesh")}
+    if meshes - {1}:
+        raise ValueError(
+            f"model is sharded by fully_shard on a {max(meshes)}-D device mesh (HSDP); deepopt supports a "
+            "1-D mesh: fully_shard(model, mesh=init_device_mesh(device, (world_size,))), or pass enabled=False."
+        )
+    unsafe = [f"{m.label}: {m.unsafe_when_sharded}" for m in mechanisms if m.unsafe_when_sharded]
+    if unsafe:
+        raise ValueError(
+            f"these mechanisms cannot act on a model sharded by fully_shard: {'; '.join(unsafe)}. Leave "
+            "them out of mechanisms=[...] (the recipes' own mechanisms all act on shards)."
+        )

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import fsdp_modules, local_tensors, reshard
 from .hooks import ModelHook, has_model_hooks, needs_closure, plain_model_state, say
 from .mechanisms.base import EVENTS, Mechanism
+from .sharded_state import pack, unpack
 from .views import VIEWS, Views
 
 __all__ = ["DeepOptimizer", "STATE_VERSION", "check_state_version"]
@@ -68,7 +70,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         # pattern); __getattr__ forwards everything else, hook dicts included.
         self.optimizer, self.model, self.settings = optimizer, model, settings
         self.steps, self.max_lr = 0, 0.0
-        self.views = Views()
+        self._fsdp = fsdp_modules(model)  # FSDP2 (fully_shard): mechanisms act on local shards
+        self.views = Views(functools.partial(reshard, self._fsdp) if self._fsdp else None)
         self.base_stepping = False  # inside this wrapper's own call of the base step
         self._held = False  # model hooks paused (a mechanism's own forwards)
         self._first_pass = False  # a held step's first training forward is still to come
@@ -88,7 +91,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._train_forward, self._after = self._by_event["on_train_forward"], self._by_event["after_update"]
         self.perturbs = bool(self._by_event["perturbation"])  # whether a training forward may be perturbed
         self._handles = [
-            model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True),
+            # Under FSDP2 before its own pre-forward, which gathers the weights this hook shows.
+            model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True,
+                                            prepend=bool(self._fsdp)),
             model.register_state_dict_pre_hook(ModelHook(self, "_on_state_dict")),
             model.register_load_state_dict_post_hook(ModelHook(self, "_on_model_loaded")),
         ]
@@ -255,8 +260,8 @@ class DeepOptimizer(torch.optim.Optimizer):
         return self._buffer_cache
 
     def eval_targets(self) -> list[Tensor]:
-        """What an evaluation view may change: the parameters, then the buffers."""
-        return self.params() + self.buffers()
+        """What an evaluation view may change: the parameters (local shards under FSDP2), then the buffers."""
+        return (local_tensors(self.params()) if self._fsdp else self.params()) + self.buffers()
 
     def show(self, view: str) -> None:
         """Show ``"train"``, ``"perturbed"`` or ``"eval"`` weights in the model."""
@@ -338,7 +343,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         """The base optimizer's state dict plus a ``"deepopt"`` entry with deepopt's state."""
         state = self.optimizer.state_dict()
         state["deepopt"] = self.deepopt_state()
-        return state
+        return pack(state, self) if self._fsdp else state
 
     def deepopt_state(self) -> dict:
         """deepopt's part of :meth:`state_dict`: counters, each mechanism's state by name."""
@@ -353,8 +358,7 @@ class DeepOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Load a state saved by :meth:`state_dict` (or a plain optimizer state dict)."""
-        state_dict = dict(state_dict)
-        deep = state_dict.pop("deepopt", None)
+        state_dict, deep = unpack(state_dict)
         # Checked before anything is loaded: a refused checkpoint leaves this optimizer as it was.
         check_state_version(deep)
         self.optimizer.load_state_dict(state_dict)
@@ -377,6 +381,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_(self.eval_targets(), values)
             self._pending_train_values = [v.clone() for v in values]
+            reshard(self._fsdp)
 
     # -- undo ----------------------------------------------------------------------------------
     def detach(self) -> torch.optim.Optimizer:

@@ -23,8 +23,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from .distributed import local_tensors
 
 __all__ = ["Views", "VIEWS"]
 
@@ -32,12 +36,18 @@ VIEWS = ("train", "perturbed", "eval")
 
 
 class Views:
-    """The view shown and the training values of the tensors it changed."""
+    """The view shown and the training values of the tensors it changed.
 
-    def __init__(self) -> None:
+    Sharded parameters (DTensors, under ``fully_shard``) are saved and restored shard by
+    shard, through their rank-local parts. ``on_change`` is called whenever the shown
+    values change (FSDP2 must then gather them again: :func:`deepopt.distributed.reshard`).
+    """
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self.current = "train"
         self.shown: list[Tensor] = []
         self.backup: list[Tensor] = []
+        self.on_change = on_change
 
     @torch.no_grad()
     def enter(self, tensors: list[Tensor], view: str) -> None:
@@ -45,6 +55,7 @@ class Views:
 
         Call it in the training view, before changing the tensors.
         """
+        tensors = local_tensors(tensors)
         if len(self.backup) != len(tensors) or any(
             b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(self.backup, tensors)
         ):
@@ -52,6 +63,8 @@ class Views:
         else:  # the same tensors as last time: reuse the memory
             torch._foreach_copy_(self.backup, [t.detach() for t in tensors])
         self.shown, self.current = tensors, view
+        if self.on_change is not None:  # before the caller writes: nothing gathers in between
+            self.on_change()
 
     @torch.no_grad()
     def leave(self) -> None:
@@ -59,12 +72,17 @@ class Views:
         if self.current != "train":
             torch._foreach_copy_(self.shown, self.backup)
             self.current, self.shown = "train", []
+            if self.on_change is not None:
+                self.on_change()
 
     def forget(self) -> None:
         """The tensors' values are now the truth (new weights were loaded): nothing to copy back."""
         self.current, self.shown = "train", []
+        if self.on_change is not None:
+            self.on_change()
 
     def train_values(self, tensors: list[Tensor]) -> list[Tensor]:
         """Copies of the training values of ``tensors``, whatever view is shown."""
+        tensors = local_tensors(tensors)
         shown = {id(t): i for i, t in enumerate(self.shown)}
         return [self.backup[shown[id(t)]].clone() if id(t) in shown else t.detach().clone() for t in tensors]

@@ -16,6 +16,10 @@ Floating-point buffers (BatchNorm running statistics) are averaged the same way,
 the evaluation weights come with statistics that belong to them; integer buffers
 (``num_batches_tracked``) are copied.
 
+Under FSDP2 (``fully_shard``) the average is kept per local shard (the optimizer hands
+over each parameter's rank-local part), so it costs one shard's copy per rank, and the
+evaluation view is swapped shard by shard, without gathering the full weights.
+
 Example:
     >>> import torch
     >>> from deepopt.mechanisms.average import ema_decay, average_
@@ -172,7 +176,6 @@ class WeightAverage(Mechanism):
 
     name = "average"
     has_eval_view = True
-    unsafe_when_sharded = "the evaluation view swaps whole tensors"
 
     def __init__(self, kind: str = "ema", decay: float = 0.999, warmup: bool = True, every: int = 1,
                  width: float = 0.05, follows_lr: bool = False, restart: bool = False, samples: int = 0) -> None:

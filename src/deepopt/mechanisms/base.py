@@ -83,7 +83,8 @@ class Mechanism:
             whose ``step(closure)`` evaluates the closure itself (LBFGS).
         perturbs: may make a training forward run at other weights than the training ones.
         has_eval_view: may make ``model.eval()`` compute with other weights.
-        unsafe_when_sharded: why it cannot act on a sharded model ("" if it can).
+        unsafe_when_sharded: why it cannot act on a model sharded by ``fully_shard`` ("" if it can;
+            an instance may set its own, e.g. for an option that cannot).
     """
 
     name: ClassVar[str] = ""

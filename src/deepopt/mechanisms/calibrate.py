@@ -12,7 +12,9 @@ rescaling them ends lower (calibration.md, Net 1).
 
 Cost: a handful of forward passes on one batch, once. Under ``torch.distributed``
 (data-parallel training, e.g. DDP) the standard deviations are those of the global
-batch (all-reduced over the default process group), so every rank rescales alike.
+batch (all-reduced over the default process group), so every rank rescales alike. Under
+FSDP2 (``fully_shard``) they are measured on the gathered weights, each layer's output
+being a full activation, and each rank rescales its shard of the weights.
 
 Example:
     >>> import torch
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed import fsdp_modules, reshard
 from .base import Mechanism
 
 __all__ = ["layer_output_stds", "signal_ratio", "calibrate_", "Calibration"]
@@ -120,19 +123,23 @@ def calibrate_(
             ``1 / threshold``.
         iters: LSUV passes per layer (each divides the weight by the measured std).
     """
+    fsdp = fsdp_modules(model)
+    reshard(fsdp)  # FSDP2: the modules hold their sharded weights, the ones to rescale
     layers = _layers(model)
+    weights = [layer.weight for layer in layers]
     stds = _stds(model, layers, args, kwargs)
     if stds and not math.isfinite(stds[0]):
         return None
     ratio = signal_ratio(stds)
     if threshold <= ratio <= 1.0 / threshold:
         return False
-    for layer in layers:
+    for layer, weight in zip(layers, weights):
         for _ in range(iters):
             std = _stds(model, [layer], args, kwargs)
             if not std or not math.isfinite(std[0]) or std[0] == 0 or abs(std[0] - 1.0) < 0.02:
                 break
-            layer.weight.div_(std[0])
+            weight.div_(std[0])
+            reshard(fsdp)  # the next forward gathers the rescaled shards
     return True
 
 
@@ -155,7 +162,6 @@ class Calibration(Mechanism):
     """
 
     name = "calibrate"
-    unsafe_when_sharded = "it rescales whole layer weights"
 
     def __init__(self, threshold: float = 1e-3) -> None:
         self.threshold = threshold

@@ -20,7 +20,9 @@ dropout are left alone without a single extra pass.
 Cost: ``samples + 2`` forward passes on one training batch at the first evaluation
 after new training steps. Under ``torch.distributed`` every rank measures on its own
 last batch and no collective is run (evaluation often runs on one rank only), so ranks
-may evaluate with slightly different factors.
+may evaluate with slightly different factors. Under FSDP2 (``fully_shard``), where every
+rank runs every evaluation forward, the factors are averaged over the ranks (kept only if
+every rank keeps them), so that all shards of a weight are scaled alike.
 
 Example:
     >>> import torch
@@ -46,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from ..distributed import fsdp_modules, reshard
 from .base import Mechanism
 
 __all__ = ["has_dropout", "weighted_layers", "batch_size", "matched_scales", "DropoutMatch"]
@@ -183,6 +186,16 @@ def matched_scales(
     return scales, keep
 
 
+def _agreed(scales: list[float], keep: bool) -> tuple[list[float], bool]:
+    """The factors averaged over the ranks, and whether every rank keeps them (one all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([*scales, 1.0 if keep else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return t[:-1].tolist(), bool(t[-1].item() == 1.0)
+
+
 class DropoutMatch(Mechanism):
     """Evaluates a dropout net at weights rescaled by :func:`matched_scales`, where kept.
 
@@ -239,6 +252,8 @@ class DropoutMatch(Mechanism):
         if not measure and not self.keep:  # every eval forward passes here: keep it cheap
             return
         model = getattr(opt.model, "_orig_mod", opt.model)
+        fsdp = fsdp_modules(model)
+        reshard(fsdp)  # FSDP2: the layers hold their sharded weights, the ones apply_() scales
         layers = weighted_layers(model, {id(p) for p in opt.params()})
         if measure:
             cuda = sorted({t.device.index or 0 for t in targets if t.is_cuda})
@@ -246,6 +261,9 @@ class DropoutMatch(Mechanism):
                 # The dropout samples must not move the user's RNG (the training trajectory).
                 with opt.hold(), torch.random.fork_rng(devices=cuda):
                     self.scales, self.keep = matched_scales(model, *self._last_batch, layers=layers)
+                if fsdp:
+                    self.scales, self.keep = _agreed(self.scales, self.keep)
+                reshard(fsdp)
                 self.step = opt.steps
             except Exception as e:  # noqa: BLE001 - the user's evaluation must go on
                 # A model that cannot run a training batch in eval mode: evaluate it plainly.

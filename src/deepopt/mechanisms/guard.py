@@ -6,6 +6,10 @@ update is skipped, so the weights and the optimizer state stay the last good one
 ``max_consecutive`` failures in a row the guard raises, since by then skipping is
 hiding a real problem (a learning rate too high, a loss that overflows).
 
+Under FSDP2 (``fully_shard``) each rank checks its own shard of the gradients and its own
+loss; one all-reduced flag makes the decision the same on every rank, so a NaN batch on
+one rank skips the step everywhere and the shards stay one model.
+
 Example:
     >>> import torch
     >>> from deepopt.mechanisms.guard import all_finite
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_ranks, local_tensors
 from .base import Mechanism
 
 __all__ = ["all_finite", "DivergenceGuard", "DivergenceError"]
@@ -102,7 +107,6 @@ class DivergenceGuard(Mechanism):
 
     name = "guard"
     needs_one_pass = True
-    unsafe_when_sharded = "each rank would decide from its own shard"
 
     def __init__(self, max_consecutive: int = 20) -> None:
         self.max_consecutive = max_consecutive
@@ -144,13 +148,14 @@ class DivergenceGuard(Mechanism):
         self._snapshot_taken = True
 
     def accept(self, opt: Any, loss: Any) -> bool:
-        checked = [p.grad for p in opt.params() if p.grad is not None]
+        grads = [p.grad for p in opt.params() if p.grad is not None]
+        checked = local_tensors(grads)
         # The loss joins the gradients' fused check: one sync per step instead of two (its
         # multiplication by exactly 1.0 leaves values and version counters as they were).
         # An integer loss is always finite.
         if isinstance(loss, Tensor) and (loss.is_floating_point() or loss.is_complex()):
             checked.append(loss.detach().reshape(-1))
-        ok = all_finite(checked)
+        ok = all_ranks(all_finite(checked), grads)  # sharded: every rank decides alike
         if not ok and self._snapshot_taken:
             # A NaN batch would otherwise leave NaN running statistics in BatchNorm (and so in
             # every later evaluation) although its update was skipped. Before record(), which may raise.

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_tensors
 from .base import Mechanism
 
 __all__ = ["sync_", "Lookahead"]
@@ -87,7 +88,7 @@ class Lookahead(Mechanism):
         return cls(k=3)
 
     def after_update(self, opt: Any) -> None:
-        self.after_step(opt.params())
+        self.after_step(local_tensors(opt.params()))  # FSDP2: per local shard
 
     def state_dict(self) -> dict:
         return {"slow": self.slow, "count": self.count}

@@ -15,7 +15,8 @@ Two forms share one pure function, :func:`perturbation`:
   at ``w + e`` drives the update. Twice the compute.
 
 The weights are always restored by copying the saved ``w`` back, never by
-subtracting ``e``, so rounding cannot drift them.
+subtracting ``e``, so rounding cannot drift them. Under FSDP2 (``fully_shard``) the norm is
+the whole model's (the shards' squares all-reduced) and ``e`` is built shard by shard.
 
 Example:
     >>> import torch
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import global_norm, local_tensors
 from .base import Mechanism, Perturbation
 
 __all__ = ["perturbation", "unit_scale", "direction", "warmed_up", "MomentumPerturbation"]
@@ -56,6 +58,7 @@ def perturbation(
 
     Returns:
         A new list of tensors, one per direction; all zeros if every direction is zero.
+        For DTensor directions (FSDP2), their rank-local parts, scaled by the global norm.
 
     Example:
         >>> import torch
@@ -64,12 +67,13 @@ def perturbation(
     """
     if not directions:
         return []
+    group_of, directions = directions, local_tensors(directions)  # sharded: local parts, global norm
     if weights is not None:
-        scales = [w.abs().add_(eta) for w in weights]
+        scales = [w.abs().add_(eta) for w in local_tensors(weights)]
         scaled = torch._foreach_mul(directions, scales)
     else:
         scales, scaled = None, directions
-    out = torch._foreach_mul(scaled, unit_scale(scaled, rho))
+    out = torch._foreach_mul(scaled, rho / (global_norm(scaled, like=group_of).item() + 1e-12))
     if scales is not None:
         torch._foreach_mul_(out, scales)
     return out
@@ -101,8 +105,7 @@ def unit_scale(directions: list[Tensor], rho: float) -> float:
         >>> round(unit_scale([torch.tensor([3.0]), torch.tensor([4.0])], rho=1.0), 6)
         0.2
     """
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)))
-    return rho / (norm.item() + 1e-12)
+    return rho / (global_norm(directions).item() + 1e-12)  # sharded: over every rank's shard
 
 
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -153,7 +156,6 @@ class MomentumPerturbation(Mechanism):
     name = "perturb"
     needs_one_pass = True
     perturbs = True
-    unsafe_when_sharded = "its norm would be each rank's shard's norm"
 
     def __init__(self, rho: float, follows_lr: bool = False, ascent: bool = False, adaptive: bool = False,
                  lr_ceiling: float = 1.0) -> None:
@@ -196,8 +198,9 @@ class MomentumPerturbation(Mechanism):
             return None
         sign = abs(sign) if self.ascent else sign
         if self.adaptive:
-            return tensors, perturbation(dirs, rho, weights=tensors), sign
-        return tensors, dirs, sign * unit_scale(dirs, rho)  # perturbation()'s maths, without allocating e
+            return local_tensors(tensors), perturbation(dirs, rho, weights=tensors), sign
+        # perturbation()'s maths, without allocating e; sharded: the local shards, the global norm
+        return local_tensors(tensors), local_tensors(dirs), sign * unit_scale(dirs, rho)
 
     def after_update(self, opt: Any) -> None:
         if self._momentum is None:

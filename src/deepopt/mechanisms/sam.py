@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_tensors
 from ..replay import LoopRecorder
 from .base import Mechanism
 from .looksam import LookSAM, orthogonal_part, reuse_
@@ -55,7 +56,6 @@ class TwoPassSAM(Mechanism):
     name = "sam"
     needs_closure = True
     needs_one_pass = True
-    unsafe_when_sharded = "its norm would be each rank's shard's norm"
 
     def __init__(self, rho: float = 0.05, warmup: int = 0, adaptive: bool = False,
                  lr_range: tuple[float, float] = (0.0, 1.0), every: int = 1, reuse: float = 0.0) -> None:
@@ -73,6 +73,8 @@ class TwoPassSAM(Mechanism):
         self.lr_range = (float(low), float(high))
         self.every, self.reuse = every, reuse
         self.look = LookSAM(every, reuse) if every > 1 else None
+        if every > 1:  # its inner products are not all-reduced over shards
+            self.unsafe_when_sharded = "LookSAM's inner products would be each rank's shard's"  # type: ignore[misc]
         self.recorder: LoopRecorder | None = None
         self.two_pass_steps = 0  # steps whose gradient was taken at w + e
         self._told = False  # said once whether SAM runs on a loop without closure
@@ -186,7 +188,7 @@ class TwoPassSAM(Mechanism):
         try:
             opt.views.enter(with_grad, "perturbed")
             with torch.no_grad():
-                torch._foreach_add_(with_grad, e)
+                torch._foreach_add_(local_tensors(with_grad), e)  # FSDP2: e is per local shard
             opt.optimizer.zero_grad()
             with torch.enable_grad():
                 closure()

@@ -22,11 +22,16 @@ from deepopt import cli
 CLIENTS = Path(__file__).parent / "clients"
 GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
 NO_GUARD_ON_CLOSURE = "the divergence guard does not act on SGD.step(closure) under deepopt run"
-NO_SAM = "two-pass SAM (sam_rho=0.05) does not act under deepopt run"
+NO_SAM = "two-pass SAM does not act on SGD.step(closure) under deepopt run"
+IDLE = "after 15 steps this run trains and evaluates as it would without deepopt"
+SAM_RUNS = "two-pass SAM (sam_rho=0.05) runs on this loop without a closure"
+SAM_CANNOT = "two-pass SAM (sam_rho=0.05) cannot run on this loop"
 
 # script: (the deepopt lines of `deepopt run`, those of explicit activate), each a prefix
 EXPECTED = {
     "word_lm.py": (["activated AdamW on RNNModel (6 tensors, 3026 parameters)"], []),
+    "gpt.py": (["activated AdamW on GPT", "after 30 steps this run"], ["after 30 steps this run"]),
+    "criterion.py": (["activated SGD on Sequential", IDLE], [IDLE]),
     "lbfgs.py": ([GUARD_OFF, "activated LBFGS on Sequence"], [GUARD_OFF]),
     "closure.py": (["activated SGD on Sequential", NO_GUARD_ON_CLOSURE], []),
     "hand_sgd.py": (["nothing activated: the script built no torch.optim optimizer before the first "
@@ -146,12 +151,36 @@ def test_model_saved_whole_loads_where_deepopt_is_not_installed(capfd, tmp_path_
     assert proc.returncode == 0 and proc.stdout.split() == ["loaded", "loaded"], proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script, limits", [("accumulate.py", [NO_SAM]),
-                                            ("closure.py", [NO_SAM, NO_GUARD_ON_CLOSURE])])
-def test_thorough_says_under_deepopt_run_that_sam_cannot_act(script, limits, capfd, tmp_path_factory):
+def sam_note(script: str) -> str:
+    """What the script's docstring says of SAM (its ``SAM:`` line)."""
+    text = (CLIENTS / script).read_text()
+    return next(line for line in text.splitlines() if line.startswith("SAM: "))
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd, tmp_path_factory):
+    """Under ``deepopt run --recipe thorough`` the one SAM line matches the script's own
+    ``SAM:`` note; where SAM runs, it changes training, exactly as an explicit activate does."""
+    note = sam_note(script)
     run, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
-    assert_said(lines, ["activated SGD on Sequential", *limits])
-    assert lines[0].endswith("recipe=thorough")
-    off, _ = client(script, "off", capfd, tmp_path_factory)
-    # SAM does not act: the run trains as plain PyTorch, as the line says
-    assert_bitwise_equal(training_weights(run), training_weights(off))
+    said = [line for line in lines if "SAM" in line]
+    if note.startswith("SAM: runs"):
+        assert len(said) == 1 and said[0].startswith(SAM_RUNS), lines
+        off, _ = client(script, "off", capfd, tmp_path_factory)
+        assert any(  # SAM changed training
+            not torch.equal(a, b) for a, b in zip(training_weights(run)["model"].values(),
+                                                  training_weights(off)["model"].values()))
+        os.environ["DEEPOPT_RECIPE"] = "thorough"
+        try:
+            explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory, "thorough")
+        finally:
+            del os.environ["DEEPOPT_RECIPE"]
+        assert [line for line in explicit_lines if "SAM" in line] == said
+        assert_bitwise_equal(training_weights(explicit), training_weights(run))
+    elif note.startswith("SAM: cannot run"):
+        assert said and all(line.startswith(SAM_CANNOT) for line in said), lines  # one per optimizer
+    elif note.startswith("SAM: under deepopt run, not on step(closure)"):
+        assert said == [NO_SAM + " (the closure runs inside torch's step, after deepopt's hook); add "
+                        "`model, optimizer = deepopt.activate(model, optimizer)` to the script for it."]
+    else:  # no optimizer, or LBFGS: nothing about SAM beyond what the activation says
+        assert all("two-pass SAM" not in line for line in said if "off for" not in line), lines

@@ -244,11 +244,12 @@ def _on_step_post(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None
     w = _zero_code(opt)
     if w is None or w.base_stepping:
         return
-    if _closure(args, kwargs) is not None and w.mechanism("guard") is not None and opt not in _closure_told:
+    if _closure(args, kwargs) is not None and opt not in _closure_told:
         _closure_told.add(opt)
-        say(f"the divergence guard does not act on {type(opt).__name__}.step(closure) under deepopt "
-            "run (the closure runs inside torch's step, after deepopt's hook); add `model, optimizer "
-            "= deepopt.activate(model, optimizer)` to the script for it.")
+        for m in (m for m in w.mechanisms if m.name == "guard" or m.needs_closure):
+            say(f"{m.label.split(' (')[0]} does not act on {type(opt).__name__}.step(closure) under deepopt "
+                "run (the closure runs inside torch's step, after deepopt's hook); add `model, optimizer "
+                "= deepopt.activate(model, optimizer)` to the script for it.")
     grads = _skipped.pop(opt, None)
     if grads is not None:
         for p, g in zip(_opt_params(opt), grads):

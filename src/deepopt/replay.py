@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .hooks import ModelHook
+
 __all__ = ["LoopRecorder", "watch", "unwatch"]
 
 _recorders: weakref.WeakSet = weakref.WeakSet()
@@ -222,17 +224,22 @@ class LoopRecorder:
     Args:
         model: the model whose training forwards are recorded (hooks registered on it).
         params: returns the parameters whose gradients the step uses.
+        pre_hook: register a forward pre-hook that calls :meth:`forward_started`; ``False``
+            when the caller calls it (deepopt's optimizer, whose own pre-hook a launcher
+            may call for a forward that started before activation).
     """
 
-    def __init__(self, model: nn.Module, params: Callable[[], list[Tensor]]) -> None:
+    def __init__(self, model: nn.Module, params: Callable[[], list[Tensor]], pre_hook: bool = True) -> None:
         self.model, self.params = model, params
         self._model_modules = {id(m) for m in model.modules()}
         self.clear()
+        # ModelHooks: a pickled or copied model leaves them out (deepopt.hooks).
         self._handles = [
-            model.register_forward_pre_hook(self._forward_pre, with_kwargs=True),
-            model.register_forward_hook(self._forward_done),
+            model.register_forward_hook(ModelHook(self, "_forward_done")),
             nn.modules.module.register_module_forward_hook(self._any_forward),
         ]
+        if pre_hook:
+            self._handles.append(model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True))
         _recorders.add(self)
         watch()
 
@@ -256,7 +263,8 @@ class LoopRecorder:
         self._grads: list[tuple] = []  # (param, grad, version) as the last watched call left them
 
     # -- watching ------------------------------------------------------------------------------
-    def _forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def forward_started(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of the model starts (recorded if it is a training forward)."""
         if not _replaying and module.training and torch.is_grad_enabled():
             self.pending.append(_Forward(args, dict(kwargs)))
 

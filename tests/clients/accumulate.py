@@ -1,4 +1,7 @@
-"""Gradient accumulation, a layer frozen then unfrozen mid-run, evaluation mid-epoch, BatchNorm."""
+"""Gradient accumulation, a layer frozen then unfrozen mid-run, evaluation mid-epoch, BatchNorm.
+
+SAM: cannot run (a functional loss: nn.functional.cross_entropy)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

@@ -1,4 +1,7 @@
-"""A plain optimizer stepped through a closure: ``optimizer.step(closure)``."""
+"""A plain optimizer stepped through a closure: ``optimizer.step(closure)``.
+
+SAM: under deepopt run, not on step(closure); with deepopt.activate, through the closure
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

@@ -28,7 +28,7 @@ def maybe_activate(model, optimizer):
     if os.environ.get("DEEPOPT_CLIENT") == "activate":
         import deepopt
 
-        return deepopt.activate(model, optimizer)
+        return deepopt.activate(model, optimizer, recipe=os.environ.get("DEEPOPT_RECIPE", "default"))
     return model, optimizer
 
 

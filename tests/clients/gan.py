@@ -1,4 +1,7 @@
-"""A GAN: two models, two optimizers, the discriminator on detached fakes and in no_grad."""
+"""A GAN: two models, two optimizers, the discriminator on detached fakes and in no_grad.
+
+SAM: cannot run (the discriminator's loss adds two criterion calls; the generator's goes through another model)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

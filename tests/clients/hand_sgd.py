@@ -1,4 +1,7 @@
-"""Polynomial regression with the update written by hand (no torch.optim optimizer)."""
+"""Polynomial regression with the update written by hand (no torch.optim optimizer).
+
+SAM: no optimizer, nothing activated
+"""
 
 import torch
 from common import save_training_weights, setup

@@ -1,4 +1,7 @@
-"""Time-sequence prediction: an LSTM cell unrolled by hand, trained with LBFGS (a closure)."""
+"""Time-sequence prediction: an LSTM cell unrolled by hand, trained with LBFGS (a closure).
+
+SAM: off for LBFGS (its step evaluates the closure itself)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

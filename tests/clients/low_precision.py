@@ -1,4 +1,7 @@
-"""Parameters in half and bfloat16 (``model.half()``, ``model.to(torch.bfloat16)``)."""
+"""Parameters in half and bfloat16 (``model.half()``, ``model.to(torch.bfloat16)``).
+
+SAM: cannot run (a functional loss: nn.functional.mse_loss)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

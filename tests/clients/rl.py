@@ -1,4 +1,7 @@
-"""REINFORCE: the policy is called once per environment step (many tiny forwards per update)."""
+"""REINFORCE: the policy is called once per environment step (many tiny forwards per update).
+
+SAM: cannot run (the loss is built from many forwards' log-probabilities)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

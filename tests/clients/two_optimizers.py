@@ -1,4 +1,7 @@
-"""One model, two optimizers over disjoint parameter groups, each over a submodule."""
+"""One model, two optimizers over disjoint parameter groups, each over a submodule.
+
+SAM: cannot run (a functional loss: nn.functional.mse_loss)
+"""
 
 import torch
 from common import maybe_activate, save_training_weights, setup

@@ -2,6 +2,8 @@
 
 Saves the best model whole (``torch.save(model, f)``) and reloads it with
 ``torch.load`` inside ``torch.serialization.safe_globals``, as pytorch/examples does.
+
+SAM: cannot run (the criterion gets a reshaped output, not the model's)
 """
 
 import torch

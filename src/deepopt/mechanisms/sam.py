@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..distributed import local_tensors
 from ..replay import LoopRecorder
@@ -88,8 +88,12 @@ class TwoPassSAM(Mechanism):
     def attach(self, opt: Any) -> bool:
         # Watches the loop from the first step, so the user hears at once whether SAM will
         # run there, even if it starts only in the low-LR tail.
-        self.recorder = LoopRecorder(opt.model, opt.params)
+        self.recorder = LoopRecorder(opt.model, opt.params, pre_hook=False)
         return True
+
+    def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.recorder is not None:
+            self.recorder.forward_started(module, args, kwargs)
 
     def detach(self, opt: Any) -> None:
         if self.recorder is not None:

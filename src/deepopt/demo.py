@@ -67,6 +67,7 @@ __all__ = [
     "plot_curves",
     "parse_overrides",
     "add_arguments",
+    "add_seeds_is_a_list",
     "run_from_args",
     "main",
 ]

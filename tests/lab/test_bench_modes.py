@@ -264,6 +264,17 @@ def _row(net: int, mode: str, seed: int, acc: float, sec: float, epochs: int = 2
     return r
 
 
+def _report_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, list[dict]]) -> str:
+    """The Markdown ``python -m benchmarks report`` writes for results files (stem -> rows), unplotted."""
+    for stem, rows in files.items():
+        (tmp_path / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    paths = [str(tmp_path / f"{stem}.jsonl") for stem in files]
+    assert report.main([*paths, "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    return md.read_text()
+
+
 def test_report_pairs_equal_time_with_deepopt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,12 +321,7 @@ def test_report_pairs_equal_time_with_deepopt(
     assert threads_lines[("5", "sam")].split("|")[10].strip() == "1.82x"
 
     # main(): equal-time rows land in the block of their nominal budget
-    path = tmp_path / "seed6.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    out = md.read_text()
+    out = _report_markdown(tmp_path, monkeypatch, {"seed6": rows})
     assert "<!-- BEGIN seed6-20ep -->" in out and "seed6-10ep" not in out
     assert "paired diff vs deepopt" in out
 
@@ -326,12 +332,7 @@ def test_report_keeps_the_ablation_table(tmp_path: Path, monkeypatch: pytest.Mon
          "mechanism": {"name": m, "settings": MECHANISMS[m]}}
         for m in ("classical", "default") for s in (0, 1)
     ]
-    path = tmp_path / "ablation.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    out = md.read_text()
+    out = _report_markdown(tmp_path, monkeypatch, {"ablation": rows})
     assert tables.table(rows) in out and "paired diff vs deepopt" not in out
 
 
@@ -353,13 +354,8 @@ def test_budget_table_pairs_within_a_file_and_prefers_more_seeds(tmp_path: Path,
     assert "| 6 | sam | +1.00 (1 seed, a) | +3.00 ± 12.71 (2 seeds, b) |" in table
     assert "ema" not in table  # its 20-epoch rows are validation rows: one test budget only
     assert tables.budget_table({"a": rows("sam", 20, [1.0])}) == ""
-    for stem, r in files.items():
-        (tmp_path / f"{stem}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    paths = [str(tmp_path / f"{stem}.jsonl") for stem in files]
-    assert report.main([*paths, "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    assert "<!-- BEGIN ablation-budgets -->" in md.read_text() and table in md.read_text()
+    out = _report_markdown(tmp_path, monkeypatch, files)
+    assert "<!-- BEGIN ablation-budgets -->" in out and table in out
 
 
 def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_path, monkeypatch) -> None:
@@ -564,15 +560,10 @@ def test_report_leaves_out_rows_of_a_recipe_changed_since(tmp_path: Path, monkey
     old = {**current_settings("deepopt"), "dropout_match": False}  # before it joined the default
     rows = [_row(2, "classical", 0, 10.0, 1.0), _row(2, "deepopt", 0, 10.0, 1.0) | {"resolved": old},
             _row(1, "classical", 0, 60.0, 1.0), _row(1, "deepopt", 0, 60.0, 1.0) | {"resolved": old}]
-    path = tmp_path / "seed6.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    cells = {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}
+    cells = {tuple(c.strip() for c in ln.split("|")[1:3])
+             for ln in _report_markdown(tmp_path, monkeypatch, {"seed6": rows}).splitlines()}
     # net 2 has dropout: its old default row is stale; net 1 has none: still current
     assert ("2", "classical") in cells and ("2", "deepopt") not in cells and ("1", "deepopt") in cells
     rows.append(_row(2, "deepopt", 0, 25.0, 1.0) | {"resolved": current_settings("deepopt")})  # redone
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    assert ("2", "deepopt") in {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}
+    out = _report_markdown(tmp_path, monkeypatch, {"seed6": rows})
+    assert ("2", "deepopt") in {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in out.splitlines()}

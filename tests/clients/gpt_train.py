@@ -14,7 +14,7 @@ from char_gpt import CHARS, GPT, estimate_loss, get_batch
 from common import maybe_activate, save_training_weights, setup
 
 out = setup()
-max_iters, lr_decay_iters, eval_interval, warmup_iters = 200, 400, 50, 10
+max_iters, lr_decay_iters, eval_interval, warmup_iters = 120, 240, 30, 10
 learning_rate, min_lr = 1e-2, 1e-3  # min_lr = learning_rate / 10, as nanoGPT
 model_args = {"vocab_size": len(CHARS)}
 model = GPT(**model_args)

@@ -178,9 +178,9 @@ def model_loaded(opt: DeepOptimizer) -> None:
 
 
 def _activations(model: nn.Module) -> list[Any]:
-    """The optimizers activated on ``model`` (their hooks are on it)."""
+    """The optimizers activated on ``model`` or on a module inside it (their hooks are there)."""
     owners: list[Any] = []
-    for hooks in _hook_dicts(model).values():
+    for hooks in (d for m in model.modules() for d in _hook_dicts(m).values()):
         for hook in hooks.values():
             if isinstance(hook, ModelHook) and hook.owner is not None and all(hook.owner is not o for o in owners):
                 owners.append(hook.owner)

@@ -10,7 +10,8 @@ an exception in ``forward``) first puts the right view in place (:mod:`deepopt.v
 Between a training forward and ``step`` the parameters hold ``w + e`` by design (backward
 needs them), so an exception raised in the loss or in backward, or a ``KeyboardInterrupt``
 in ``forward`` (torch runs ``always_call`` hooks only for ``Exception``), leaves ``w + e``
-in the parameter tensors until the next of those places; ``state_dict()`` is always clean.
+in the parameter tensors until the next of those places; ``state_dict()`` is always clean
+(and holds the evaluation weights in either mode: :mod:`deepopt.checkpoint`).
 
 Drivers (``deepopt run``, the integrations) use the public lifecycle: :meth:`show`,
 :meth:`before_update`, :meth:`after_update`, :meth:`forward_started`,

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from deepopt.checkpoint import training_state_dict
+
 torch.set_num_threads(1)
 
 # tests/clients holds training scripts, run by tests/test_clients.py in their own processes:
@@ -86,7 +88,9 @@ def train(model, optimizer, x, y, steps: int, loss_fn=nn.functional.cross_entrop
 
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in model.state_dict().values()]
+    """The training weights in train mode, the evaluation weights in eval mode (copies)."""
+    state = training_state_dict(model) if model.training else model.state_dict()
+    return [t.detach().clone() for t in state.values()]
 
 
 @pytest.fixture

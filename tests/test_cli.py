@@ -1,4 +1,4 @@
-"""The ``deepopt`` command: help texts, version, bench/report dispatch, a tiny demo run."""
+"""The ``deepopt`` command: help texts, version, where bench/report went, a tiny demo run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -35,8 +34,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_help_lists_every_command(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for word in ("demo", "bench", "report", "--version"):
+    for word in ("demo", "run", "--version"):
         assert word in out
+    assert "bench" not in out and "report" not in out  # the lab's, outside the package
 
 
 def test_version(capsys):
@@ -71,26 +71,13 @@ def test_no_command_prints_help_and_fails(capsys):
     assert code == 2 and "demo" in out
 
 
-def test_bench_and_report_pass_the_rest_through(capsys, monkeypatch):
-    seen = {}
-    for name in ("runner", "report"):
-        fake = types.ModuleType(f"deepopt.bench.{name}")
-
-        def fake_main(argv, name=name):
-            seen[name] = argv
-            return 3
-
-        fake.main = fake_main
-        monkeypatch.setitem(sys.modules, f"deepopt.bench.{name}", fake)
-    assert run(capsys, "bench", "seed6", "--help")[0] == 3
-    assert run(capsys, "report", "--out", "x.md")[0] == 3
-    assert seen == {"runner": ["seed6", "--help"], "report": ["--out", "x.md"]}
-
-
-def test_missing_bench_module_is_a_clear_error(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "deepopt.bench.report", None)  # import fails
-    code, _, err = run(capsys, "report")
-    assert code == 2 and "deepopt.bench.report" in err and "not available" in err
+@pytest.mark.parametrize("argv", [["bench", "seed6", "--nets", "6"], ["report", "--help"]])
+def test_bench_and_report_say_in_one_line_where_they_moved(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err == (f"deepopt {argv[0]}: the benchmarks moved out of the package; from a checkout of "
+                   f"the repository run 'python -m benchmarks {'SUITE' if argv[0] == 'bench' else 'report'} "
+                   "...' (see BENCHMARKS.md)\n")
 
 
 def test_tiny_demo_writes_table_png_and_json(capsys, tmp_path):
@@ -326,48 +313,16 @@ def test_options_without_help_are_found():
     assert options_without_help(text) == ["--steps"]
 
 
-@pytest.mark.parametrize("command", [["run"], ["bench"], ["bench", "overhead"], ["bench", "mnist1d"],
-                                     ["report"]])
-def test_every_option_has_help_with_its_default_and_no_rest_markup(command, capsys):
-    code, out, _ = run(capsys, *command, "--help")
+def test_every_option_of_run_has_help_and_no_rest_markup(capsys):
+    code, out, _ = run(capsys, "run", "--help")
     assert code == 0 and "``" not in out and ":func:" not in out
     assert options_without_help(out) == []
-    text = " ".join(out.split())
-    if command == ["bench"]:
-        listed = text.split("positional")[0]
-        assert all(name in listed for name in ("overhead", "mnist1d", "zoo", "ablation", "seed6"))
-    if command == ["run"]:
-        assert "{default,safe,thorough}" in out
-    if command == ["bench", "overhead"]:
-        assert text.count("Default:") == 4  # --nets, --settings, --steps, --out
-    if command == ["report"]:
-        assert text.count("Default:") == 3 and "the tables are printed to stdout" in text  # --markdown, --plots, --blocks
+    assert "{default,safe,thorough}" in out
 
 
-@pytest.mark.parametrize("argv", [["demo", "--seeds", "3"], ["bench", "mnist1d", "--seeds", "5"]])
-def test_seeds_means_a_list_everywhere_and_a_count_says_num_seeds(argv, capsys):
-    code, _, err = run(capsys, *argv)
+def test_seeds_is_a_list_and_a_count_says_num_seeds(capsys):
+    code, _, err = run(capsys, "demo", "--seeds", "3")
     assert code == 2 and "--num-seeds N" in err and "list of seeds" in err
-
-
-def test_report_writes_only_where_asked_and_says_what(tmp_path, monkeypatch, capsys):
-    from deepopt.bench import report
-
-    monkeypatch.chdir(tmp_path)
-    rows = tmp_path / "overhead.jsonl"
-    rows.write_text(json.dumps({"net": 6, "settings": {}, "ms_per_step_classical": 10.0,
-                                "ms_per_step_activated": 10.5, "ratio": 1.05}) + "\n")
-    assert report.main([str(rows)]) == 0
-    out, err = capsys.readouterr()
-    assert "| 6 | `{}` | 10.00 | 10.50 | 1.05x |" in out and "overhead: 1 rows" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.jsonl"]  # nothing written
-    md = tmp_path / "NOTES.md"
-    md.write_text("# Notes\n\nprose\n<!-- BEGIN overhead -->\nold\n<!-- END overhead -->\nmore prose\n")
-    assert report.main([str(rows), "--markdown", str(md)]) == 0
-    assert f"wrote {md}: overhead" in capsys.readouterr().out
-    text = md.read_text()
-    assert "old" not in text and "10.50" in text and text.startswith("# Notes\n\nprose\n")
-    assert text.endswith("<!-- END overhead -->\nmore prose\n")
 
 
 def test_progress_is_one_line_per_epoch_without_a_terminal(capsys):

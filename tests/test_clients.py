@@ -41,6 +41,7 @@ EXPECTED = {
     "accumulate.py": (["activated SGD on Sequential"], []),
     "two_optimizers.py": (["activated SGD on Net (4 tensors", "activated Adam on Net (2 tensors"], []),
     "low_precision.py": (["activated SGD on Sequential", "activated SGD on Sequential"], []),
+    "gpt_train.py": (["activated AdamW on GPT (28 tensors, 27168 parameters)"], []),
 }
 
 
@@ -166,6 +167,8 @@ def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd,
     said = [line for line in lines if "SAM" in line]
     if note.startswith("SAM: runs"):
         assert len(said) == 1 and said[0].startswith(SAM_RUNS), lines
+        if "stops before" in note:
+            return
         off, _ = client(script, "off", capfd, tmp_path_factory)
         assert any(  # SAM changed training
             not torch.equal(a, b) for a, b in zip(training_weights(run)["model"].values(),
@@ -184,3 +187,24 @@ def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd,
                         "`model, optimizer = deepopt.activate(model, optimizer)` to the script for it."]
     else:  # no optimizer, or LBFGS: nothing about SAM beyond what the activation says
         assert all("two-pass SAM" not in line for line in said if "off for" not in line), lines
+
+
+def test_best_checkpoint_model_is_the_model_whose_val_loss_was_logged(capfd, tmp_path_factory):
+    """nanoGPT's idiom: evaluate, back to train(), save {"model", "optimizer"} on improvement; a
+    separate script without deepopt loads "model" and must get the val loss that decided the save."""
+    outs = {mode: client("gpt_train.py", mode, capfd, tmp_path_factory)[0] for mode in ("off", "run", "activate")}
+    checkpoints = {mode: torch.load(out / "ckpt.pt", weights_only=True) for mode, out in outs.items()}
+    proc = subprocess.run([sys.executable, str(CLIENTS / "gpt_sample.py"), *(str(o / "ckpt.pt") for o in outs.values())],
+                          cwd=CLIENTS, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode, loss in zip(outs, proc.stdout.split()):
+        assert float(loss) == checkpoints[mode]["best_val_loss"], mode  # bit for bit the logged metric
+    for mode in ("run", "activate"):
+        ckpt = checkpoints[mode]
+        assert ckpt["iter_num"] == checkpoints["off"]["iter_num"]
+        # the saved model is the averaged one, not the training weights (which the optimizer holds):
+        # had "model" held the training weights, the loss above would not have been the logged one
+        train_values = ckpt["optimizer"]["deepopt"]["train_values"]
+        assert any(not any(torch.equal(v, t) for t in train_values) for v in ckpt["model"].values())
+        assert any(not torch.equal(v, checkpoints["off"]["model"][k]) for k, v in ckpt["model"].items())

@@ -21,6 +21,7 @@ from torch import nn
 
 import deepopt
 from conftest import assert_equal, roundtrip
+from deepopt.checkpoint import training_state_dict
 from deepopt.mechanisms import REGISTRY, VARIANTS
 from deepopt.mechanisms.base import EVENTS, Mechanism
 
@@ -106,7 +107,7 @@ def run(cls, model, opt, sched, data, start: int, stop: int, faults: dict | None
 
 def views(model) -> dict[str, torch.Tensor]:
     model.train()
-    out = {f"train.{k}": v.clone() for k, v in model.state_dict().items()}
+    out = {f"train.{k}": v for k, v in training_state_dict(model).items()}
     model.eval()
     out.update({f"eval.{k}": v.clone() for k, v in model.state_dict().items()})
     model.train()
@@ -199,8 +200,8 @@ def test_exception_in_forward_leaves_the_training_weights(cls):
     model.fail = True
     with pytest.raises(RuntimeError, match="user code failed"):
         step(cls, model, opt, sched, *data[5])
-    state = model.state_dict()  # what a user saves right after the exception
-    assert_equal({k: state[k] for k in before}, before)
+    trained = training_state_dict(model)  # what a resume continues from, right after the exception
+    assert_equal({k: trained[k] for k in before}, before)
     assert_equal(dict(model.named_parameters()), before)  # no perturbation left in the tensors
     run(cls, model, opt, sched, data, 5, 9)  # and training goes on
     assert opt.steps == 9

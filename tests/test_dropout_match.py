@@ -10,7 +10,8 @@ from torch import nn
 
 import deepopt
 import deepopt.mechanisms.dropout_match
-from conftest import data, mlp, train
+from conftest import assert_equal, data, mlp, train
+from deepopt.checkpoint import training_state_dict
 from deepopt.mechanisms.dropout_match import (
     DropoutMatch,
     has_dropout,
@@ -115,10 +116,12 @@ def test_kept_factors_change_only_the_evaluated_weights(always_keep):
     # average=None: the factors alone, applied to the training weights (not to an average)
     model, opt, out = train_pair({"dropout_match": True, "average": None})
     assert opt.mechanism("dropout_match").keep
-    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)  # train mode: the training weights, as classical's
+    for a, b in zip(ref.state_dict().values(), training_state_dict(model).values()):
+        assert torch.equal(a, b)  # the training weights, as classical's
+    train_mode_saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     shown = model.state_dict()
+    assert_equal(shown, train_mode_saved)  # a checkpoint holds the evaluated weights in either mode
     assert torch.equal(shown["0.weight"], ref.state_dict()["0.weight"])
     assert torch.equal(shown["3.weight"], 2 * ref.state_dict()["3.weight"])
     assert torch.equal(shown["3.bias"], 2 * ref.state_dict()["3.bias"])
@@ -131,7 +134,7 @@ def test_kept_factors_change_only_the_evaluated_weights(always_keep):
         assert torch.equal(model(x), scaled(x))
     assert not torch.equal(out[-1], ref_out[-1])
     model.train()
-    assert torch.equal(model.state_dict()["3.weight"], ref.state_dict()["3.weight"])
+    assert torch.equal(training_state_dict(model)["3.weight"], ref.state_dict()["3.weight"])
 
 
 def test_two_pass_sam_steps_are_measured_and_matched_too(always_keep):
@@ -141,7 +144,7 @@ def test_two_pass_sam_steps_are_measured_and_matched_too(always_keep):
     model.eval()
     shown = model.state_dict()["3.weight"].clone()  # state_dict() holds the live tensors
     model.train()
-    assert torch.equal(shown, 2 * model.state_dict()["3.weight"])
+    assert torch.equal(shown, 2 * training_state_dict(model)["3.weight"])
 
 
 def test_frozen_layers_are_never_rescaled(always_keep):
@@ -231,7 +234,7 @@ def test_a_model_that_cannot_be_measured_is_evaluated_plainly_with_a_warning():
                                   average=None)
     x, y = data("vec")
     train(model, opt, x, y, steps=2)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = training_state_dict(model)
     model.eval()
     with pytest.warns(UserWarning, match="dropout-matched evaluation is off.*dropout_match=False"):
         with torch.no_grad():

@@ -22,6 +22,7 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp
+from deepopt.checkpoint import training_state_dict
 from deepopt.experimental import legacy_kwargs
 
 NAN, INF = float("nan"), float("inf")
@@ -113,7 +114,7 @@ def assert_same(a, b, where="state"):
 def everything(model, opt, sched):
     """Weights and buffers (training and evaluation views), optimizer state, deepopt state, schedule."""
     model.train()
-    train_view = {k: v.clone() for k, v in model.state_dict().items()}
+    train_view = training_state_dict(model)
     model.eval()
     eval_view = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
@@ -216,7 +217,7 @@ def test_divergence_error_after_max_skips_in_a_row_keeps_last_good_state():
     x, y = data("img")
     model, opt, sched = build(bn_cnn, "sgd", {"max_skips": 3, "rho": 0.1})
     fit(model, opt, sched, x, y, 3, {}, drop=set(), closure=False)
-    good = {k: v.clone() for k, v in model.state_dict().items()}
+    good = training_state_dict(model)
     good_momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     loss_fn = nn.functional.cross_entropy
     xb = x[:8].clone()
@@ -233,7 +234,7 @@ def test_divergence_error_after_max_skips_in_a_row_keeps_last_good_state():
     assert opt.mechanism("guard").skipped == 3
     for p in model.parameters():  # the parameters themselves, not only state_dict()
         assert torch.isfinite(p).all()
-    for k, v in model.state_dict().items():
+    for k, v in training_state_dict(model).items():
         assert torch.equal(v, good[k]), k
     for p, m in zip(model.parameters(), good_momentum):
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
@@ -345,7 +346,10 @@ def test_exception_in_user_code_leaves_training_weights(overrides, closure, poin
     fail_at, steps = 3, 6
     x, y = data(n=80)
     model, opt = run_faulty(overrides, closure, fail_at=fail_at)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = training_state_dict(model)
+    model.eval()
+    evaluated = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
     perturbed = {"rho": 0.3}.items() <= overrides.items()
     expected = KeyboardInterrupt if point == "interrupt" else UserError
     with pytest.raises(expected):
@@ -361,10 +365,10 @@ def test_exception_in_user_code_leaves_training_weights(overrides, closure, poin
         # (torch runs always_call hooks only for Exception), returns to the user inside that
         # window. Every observation point restores them, state_dict() first of all.
         assert not all(same)
-    for k, v in model.state_dict().items():
+    for k, v in model.state_dict().items():  # what a user saves now: the evaluation weights
+        assert torch.equal(v, evaluated[k]), k
+    for k, v in training_state_dict(model).items():  # ... and the training weights, unperturbed
         assert torch.equal(v, weights[k]), k
-    for n, p in model.named_parameters():
-        assert torch.equal(p, weights[n]), n
 
     # ... checkpointed now and resumed in fresh objects ...
     # (deepcopy: torch's Optimizer.load_state_dict keeps the very tensors it is given)
@@ -379,15 +383,16 @@ def test_exception_in_user_code_leaves_training_weights(overrides, closure, poin
     # ... or continued in place: both equal a run where the failed iteration never happened
     run_faulty(overrides, closure, steps=steps, start=fail_at, model_opt=(model, opt))
     reference, _ = run_faulty(overrides, closure, steps=steps)
-    for name, ref in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], ref), name
-        assert torch.equal(fresh.state_dict()[name], ref), name
+    for state in (training_state_dict, lambda m: m.state_dict()):
+        for name, ref in state(reference).items():
+            assert torch.equal(state(model)[name], ref), name
+            assert torch.equal(state(fresh)[name], ref), name
 
 
 def test_exception_in_eval_forward_keeps_the_right_views():
     x, y = data(n=80)
     model, opt = run_faulty({"rho": 0.3, "average": "ema"}, False, steps=3)
-    train_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    train_weights = training_state_dict(model)
     model(x[:8])  # a training forward: w + e shown
     model.eval()
     model.fail = UserError("bad eval forward")
@@ -396,5 +401,5 @@ def test_exception_in_eval_forward_keeps_the_right_views():
     for (_, p), a in zip(model.named_parameters(), opt.mechanism("average").tensors):
         assert torch.equal(p, a)  # evaluation weights, never w + e
     model.train()
-    for k, v in model.state_dict().items():
+    for k, v in training_state_dict(model).items():
         assert torch.equal(v, train_weights[k]), k

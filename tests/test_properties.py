@@ -30,6 +30,7 @@ from torch import nn
 
 import deepopt
 from conftest import LSTMNet, TransformerNet, assert_equal, bn_cnn, data, roundtrip
+from deepopt.checkpoint import training_state_dict
 from deepopt.experimental import legacy_kwargs
 from deepopt.mechanisms import REGISTRY
 from deepopt.mechanisms.dropout_match import weighted_layers
@@ -231,7 +232,7 @@ def train(case: Case, model, opt, start: int, stop: int) -> None:
 
 
 def weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return training_state_dict(model)
 
 
 def check(case: Case) -> str:
@@ -280,7 +281,8 @@ def check(case: Case) -> str:
     # eval shows the evaluation weights, never w + e, even right after a training forward
     _, kind = FAMILIES[case.family]
     x, _ = data(kind, n=8)
-    train_view = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = training_state_dict(model)
+    train_view = {n: trained[n] for n, _ in model.named_parameters()}
     model.train()
     model(x)  # perturbed now, if the recipe perturbs
     model.eval()
@@ -299,7 +301,7 @@ def check(case: Case) -> str:
         expected = averaged.get(id(p), train_view[name])
         assert torch.equal(p, expected * factors[id(p)] if id(p) in factors else expected), name
     model.train()
-    state = model.state_dict()
+    state = training_state_dict(model)
     assert_equal({n: state[n] for n in train_view}, train_view)
     return "trained"
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import deepopt
 from conftest import data
+from deepopt.checkpoint import training_state_dict
 from deepopt.experimental import legacy_kwargs
 
 TESTS = Path(__file__).resolve().parent
@@ -101,7 +102,7 @@ def train_steps(name, model, opt, sched, start, stop):
 
 def final_state(model) -> dict:
     model.train()
-    out = {f"train.{k}": v.clone() for k, v in model.state_dict().items()}
+    out = {f"train.{k}": v for k, v in training_state_dict(model).items()}
     model.eval()
     out.update({f"eval.{k}": v.clone() for k, v in model.state_dict().items()})
     return out
@@ -288,7 +289,7 @@ def test_step_hooks_survive_a_state_round_trip():
     assert calls == ["pre-base", "pre-wrapper", "post-wrapper"] * 2
 
 
-def test_model_pickled_whole_is_plain_with_the_weights_of_its_mode():
+def test_model_pickled_whole_is_plain_with_the_evaluation_weights_in_either_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -298,12 +299,11 @@ def test_model_pickled_whole_is_plain_with_the_weights_of_its_mode():
         nn.functional.cross_entropy(model(x[:, :6]), y % 3).backward()
         opt.step()
         opt.zero_grad()
-    train_state = {k: v.clone() for k, v in model.state_dict().items()}
+    train_state = training_state_dict(model)
     model.eval()
     model(x[:, :6])
     eval_state = {k: v.clone() for k, v in model.state_dict().items()}
     assert not torch.equal(eval_state["0.weight"], train_state["0.weight"])
-    model.train()  # the parameter tensors still hold the evaluation weights here
 
     def saved_and_loaded(m):
         buf = io.BytesIO()
@@ -313,15 +313,21 @@ def test_model_pickled_whole_is_plain_with_the_weights_of_its_mode():
         with torch.serialization.safe_globals([nn.Sequential, nn.Linear, nn.BatchNorm1d, nn.ReLU]):
             return torch.load(buf)  # weights_only=True: only torch's globals allowed
 
-    for mode, state in (("train", train_state), ("eval", eval_state)):
-        model.train(mode == "train")
+    for training in (True, False):
+        model.train(training)
+        model(x[:, :6])  # a training forward puts the training weights back (and moves BatchNorm's)
         loaded = saved_and_loaded(model)
-        assert loaded.training == (mode == "train") and not loaded._forward_pre_hooks
-        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), mode
+        assert loaded.training == training and not loaded._forward_pre_hooks
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in eval_state.items()), training
+    model.train()
     twin = copy.deepcopy(model)  # a plain model too, which deepopt can activate afresh
     assert not twin._forward_pre_hooks and not twin._forward_hooks and "__getstate__" not in vars(twin)
+    assert all(torch.equal(twin.state_dict()[k], v) for k, v in eval_state.items())
+    weights = [k for k in train_state if k.endswith("weight")]
+    assert all(torch.equal(training_state_dict(model)[k], train_state[k]) for k in weights)
     deepopt.deactivate(model, opt)
     assert "__getstate__" not in vars(model)
+    assert all(torch.equal(model.state_dict()[k], train_state[k]) for k in weights)  # left training
 
 
 # A file written by deepopt 0.1 (state format version 1, tests/data/make_v1_checkpoints.py):

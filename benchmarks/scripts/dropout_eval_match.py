@@ -22,7 +22,7 @@ checkpoint's test accuracy, and the MNIST-1D MLPs trained classically and activa
 (same seed and data order), with how often the gate kept the rescaled weights; the same
 for a small transformer encoder with dropout 0.1 (the usual transformer setting).
 
-    python benchmarks/scripts/dropout_eval_match.py [CHECKPOINT] > benchmarks/results/dropout-eval-match.txt
+    python -m benchmarks.scripts.dropout_eval_match [CHECKPOINT] > benchmarks/results/dropout-eval-match.txt
 """
 
 import copy
@@ -77,8 +77,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def net2_part(checkpoint: str) -> None:
-    from deepopt.bench.data import load_cifar10
-    from deepopt.bench.nets import build_net
+    from benchmarks.data import load_cifar10
+    from benchmarks.nets import build_net
 
     x, y, x_test, y_test = load_cifar10("../shared/data/cifar10-jpeg.tar")
     model = build_net(2)
@@ -154,8 +154,8 @@ def library_part(checkpoint: str | None, seeds: int = 5, epochs: int = 30) -> No
 
     print("\nThe gated form as shipped: deepopt.activate(model, opt) (default recipe, dropout_match on)")
     if checkpoint is not None:
-        from deepopt.bench.data import load_cifar10
-        from deepopt.bench.nets import build_net
+        from benchmarks.data import load_cifar10
+        from benchmarks.nets import build_net
 
         x, y, x_test, y_test = load_cifar10("../shared/data/cifar10-jpeg.tar")
         model = build_net(2)

@@ -8,15 +8,15 @@ of every conv/linear layer with dropout on (train mode, what training sees) and 
 also its test accuracy in eval mode and with one dropout sample (train mode), and how
 many test images each mode puts into its most frequent class.
 
-    python benchmarks/scripts/dropout_gap.py [CHECKPOINT] > benchmarks/results/net2-dropout-gap.txt
+    python -m benchmarks.scripts.dropout_gap [CHECKPOINT] > benchmarks/results/net2-dropout-gap.txt
 """
 
 import sys
 
 import torch
 
-from deepopt.bench.data import load_cifar10
-from deepopt.bench.nets import build_net
+from benchmarks.data import load_cifar10
+from benchmarks.nets import build_net
 from deepopt.mechanisms.calibrate import layer_output_stds, signal_ratio
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ With ``--force-calibration`` the net is activated with start-up calibration forc
 fire (``calibrate_threshold=0.99``, recipe ``safe``): does rescaling net 2 on the first
 batch move a seed off its plateau?
 
-    python benchmarks/scripts/net2_first_steps.py SEED [STEPS] [EVERY] [--force-calibration]
+    python -m benchmarks.scripts.net2_first_steps SEED [STEPS] [EVERY] [--force-calibration]
 """
 
 import argparse
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import deepopt
-from deepopt.bench.data import load_cifar10
-from deepopt.bench.nets import build_net
-from deepopt.bench.train import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY
+from benchmarks.data import load_cifar10
+from benchmarks.nets import build_net
+from benchmarks.train import BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY
 
 parser = argparse.ArgumentParser(description="Net 2's first training steps, per seed.")
 parser.add_argument("seed", type=int)
@@ -33,7 +33,7 @@ args = parser.parse_args()
 seed, steps, every, force_calibration = args.seed, args.steps, args.every, args.force_calibration
 torch.set_num_threads(1)
 x, y, _, _ = load_cifar10("../shared/data/cifar10-jpeg.tar")
-torch.manual_seed(seed)  # as deepopt.bench.train.run: weights, then the data order
+torch.manual_seed(seed)  # as benchmarks.train.run: weights, then the data order
 model = build_net(2)
 opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 if force_calibration:

@@ -4,8 +4,8 @@ Trains net 6 (seed6 protocol: SGD lr 1e-2, momentum 0.9, wd 5e-4, batch 64) for 
 first STEPS steps with exact SAM (reference ``sam_step``) and prints the training loss
 and the fraction of active ReLUs in the last hidden layer. Training data only.
 
-    python benchmarks/scripts/sam_collapse.py SEED RHO STEPS [WARMUP]
-    python benchmarks/scripts/sam_collapse.py 1 0.05 200 > benchmarks/results/sam-collapse-net6-s1.txt
+    python -m benchmarks.scripts.sam_collapse SEED RHO STEPS [WARMUP]
+    python -m benchmarks.scripts.sam_collapse 1 0.05 200 > benchmarks/results/sam-collapse-net6-s1.txt
 """
 
 import sys
@@ -13,9 +13,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from deepopt.bench.data import load_cifar10
-from deepopt.bench.nets import build_net
-from deepopt.bench.train import sam_step
+from benchmarks.data import load_cifar10
+from benchmarks.nets import build_net
+from benchmarks.train import sam_step
 
 torch.set_num_threads(1)
 seed, rho, steps = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])

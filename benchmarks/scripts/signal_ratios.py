@@ -1,18 +1,18 @@
 """Signal ratio at initialisation of the seed's six nets: where start-up calibration acts.
 
 For each net and seed, the most extreme ``std(layer k) / std(first layer)`` over the
-linear and conv layers on the first training batch of ``deepopt bench`` (batch 64,
+linear and conv layers on the first training batch of ``python -m benchmarks`` (batch 64,
 seed6 data order), train mode. Calibration rescales a net only when this ratio is
 below ``calibrate_threshold`` (1e-3) or above its inverse; elsewhere the default recipe
 leaves training bit-identical to classical. Training data only.
 
-    python benchmarks/scripts/signal_ratios.py > benchmarks/results/signal-ratios.txt
+    python -m benchmarks.scripts.signal_ratios > benchmarks/results/signal-ratios.txt
 """
 
 import torch
 
-from deepopt.bench.data import load_cifar10
-from deepopt.bench.nets import build_net
+from benchmarks.data import load_cifar10
+from benchmarks.nets import build_net
 from deepopt.mechanisms.calibrate import layer_output_stds, signal_ratio
 from deepopt.recipes import Settings
 

@@ -1,27 +1,25 @@
-"""The ``deepopt`` command: ``demo``, ``bench`` and ``report``.
+"""The ``deepopt`` command: ``demo`` and ``run``.
 
 * ``deepopt demo``: train one network twice on MNIST-1D, classical and with deepopt,
   and compare them (:mod:`deepopt.demo`).
 * ``deepopt run -- python train.py ARGS``: the user's unmodified script with deepopt
   activated on every optimizer it builds (:mod:`deepopt.launcher`).
-* ``deepopt bench ...`` / ``deepopt report ...``: the benchmark runner and its report,
-  handed the rest of the command line unchanged (:mod:`deepopt.bench.runner`,
-  :mod:`deepopt.bench.report`).
 
-``demo``, ``bench`` and ``report`` need the ``demo`` extra (``pip install "deepopt[demo]"``;
-``bench`` has its own, ``deepopt[bench]``, which holds it); without it they stop with one
-line naming what is missing. The core, ``run`` and ``--help`` need only torch and numpy.
+``demo`` needs the ``demo`` extra (``pip install "deepopt[demo]"``); without it it stops
+with one line naming what is missing. The core, ``run`` and ``--help`` need only torch
+and numpy. The benchmarks and their report are not in the package: they live beside it
+in the repository (``python -m benchmarks ...`` from a checkout), and ``deepopt bench`` /
+``deepopt report`` say so in one line.
 
 Example::
 
     $ deepopt demo --epochs 20
-    $ deepopt bench --help
+    $ deepopt run -- python train.py
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
@@ -29,22 +27,11 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-# Subcommands whose options belong to another module: everything after the subcommand
-# name is passed through to that module's main(argv).
-PASSTHROUGH = {
-    "bench": ("deepopt.bench.runner", "run a benchmark: overhead, mnist1d, zoo, ablation or seed6 "
-              "(options: deepopt bench --help)"),
-    "report": ("deepopt.bench.report", "tables and plots from benchmark results, printed or written "
-               "into a Markdown file (options: deepopt report --help)"),
-}
+#: Commands that moved out of the package into the lab beside it in the repository.
+MOVED = {"bench": "python -m benchmarks SUITE ...", "report": "python -m benchmarks report ..."}
 
-#: The packages behind an extra, by the module each is imported as: module -> (package, extra).
-EXTRA_PACKAGES = {
-    "tqdm": ("tqdm", "demo"), "matplotlib": ("matplotlib", "demo"), "mnist1d": ("mnist1d", "demo"),
-    "PIL": ("pillow", "demo"), "sklearn": ("scikit-learn", "bench"), "ema_pytorch": ("ema-pytorch", "bench"),
-}
-#: The extra each command needs; its demo packages are checked before the command starts.
-COMMAND_EXTRA = {"demo": "demo", "bench": "bench", "report": "demo"}
+#: The packages behind the demo extra, by the module each is imported as.
+EXTRA_PACKAGES = {"tqdm": "tqdm", "matplotlib": "matplotlib", "mnist1d": "mnist1d", "PIL": "pillow"}
 
 
 def _installed(module: str) -> bool:
@@ -54,16 +41,14 @@ def _installed(module: str) -> bool:
         return True
 
 
-def _needs_extra(command: str, packages: list[str], extra: str = "demo") -> str:
-    extra = "bench" if "bench" in (extra, COMMAND_EXTRA[command]) else "demo"
-    return (f"deepopt {command} needs the {extra} extra: pip install 'deepopt[{extra}]' "
+def _needs_extra(command: str, packages: list[str]) -> str:
+    return (f"deepopt {command} needs the demo extra: pip install 'deepopt[demo]' "
             f"(missing: {', '.join(packages)})")
 
 
 def _missing_extra(command: str) -> str | None:
     """The line saying what ``command`` lacks of the demo extra, or None if it is all there."""
-    missing = [package for module, (package, extra) in EXTRA_PACKAGES.items()
-               if extra == "demo" and not _installed(module)]
+    missing = [package for module, package in EXTRA_PACKAGES.items() if not _installed(module)]
     return _needs_extra(command, missing) if missing else None
 
 
@@ -75,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepopt",
         description="deepopt: one call that changes only how a PyTorch network is trained. "
-        "This command runs the demo and the benchmarks.",
+        "This command runs the demo and your own training script.",
         epilog="Run 'deepopt COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"deepopt {__version__}")
@@ -111,27 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a recipe setting, e.g. --set rho=0.05 (repeatable)")
     run.add_argument("script_command", nargs=argparse.REMAINDER, metavar="-- python SCRIPT ARGS",
                      help="the command that runs your script")
-    for name, (module, text) in PASSTHROUGH.items():
-        p = sub.add_parser(name, help=text, add_help=False, description=f"{text}; handled by {module}.")
-        p.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments passed to {module}")
     return parser
-
-
-def _dispatch(name: str, argv: list[str]) -> int:
-    module_name = PASSTHROUGH[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):
-            print(
-                f"deepopt {name}: {module_name} is not available in this installation of "
-                "deepopt (the benchmark tools are not installed or not written yet).",
-                file=sys.stderr,
-            )
-            return 2
-        raise
-    result = module.main(argv)
-    return result if isinstance(result, int) else 0
 
 
 def _extra_guard(command: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -142,7 +107,7 @@ def _extra_guard(command: str, fn: Callable[..., Any], *args: Any) -> Any:
         package = EXTRA_PACKAGES.get((e.name or "").split(".")[0])
         if package is None:
             raise
-        print(_needs_extra(command, [package[0]], package[1]), file=sys.stderr)
+        print(_needs_extra(command, [package]), file=sys.stderr)
         return 2
 
 
@@ -204,13 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; default ``sys.argv[1:]``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMAND_EXTRA and not {"-h", "--help"} & set(argv[1:]):
-        message = _missing_extra(argv[0])
+    if argv and argv[0] in MOVED:
+        print(f"deepopt {argv[0]}: the benchmarks moved out of the package; from a checkout of the "
+              f"repository run '{MOVED[argv[0]]}' (see BENCHMARKS.md)", file=sys.stderr)
+        return 2
+    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv[1:]):
+        message = _missing_extra("demo")
         if message:
             print(message, file=sys.stderr)
             return 2
-    if argv and argv[0] in PASSTHROUGH:  # even --help belongs to the target module
-        return _extra_guard(argv[0], _dispatch, argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -4,7 +4,8 @@ MNIST-1D (Greydanus 2020) is the embedded default dataset of ``deepopt demo``: t
 ``mnist1d`` package generates it offline and deterministically (4,000 training and 1,000
 test sequences of length 40, 10 classes; no download), and it is cached as ``.npz``
 under :func:`cache_dir`. CIFAR-10 for the seed benchmark is read from a local copy by
-:mod:`deepopt.bench.data`, which caches into the same folder.
+``benchmarks.data`` (the lab beside the package in the repository), which caches into the
+same folder.
 
 Example:
     >>> from deepopt.datasets import load_mnist1d

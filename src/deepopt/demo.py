@@ -67,6 +67,7 @@ __all__ = [
     "plot_curves",
     "parse_overrides",
     "add_arguments",
+    "add_seeds_is_a_list",
     "run_from_args",
     "main",
 ]
@@ -635,7 +636,7 @@ class _SeedsIsAList(argparse.Action):
     """``--seeds`` where the option is the number of seeds: an error that names the fix."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
-        parser.error("--seeds is a list of seeds (as on deepopt bench ablation, seed6 and zoo); "
+        parser.error("--seeds is a list of seeds (as on the benchmarks: python -m benchmarks ablation, seed6, zoo); "
                      "here give the number of seeds with --num-seeds N (seeds SEED, SEED+1, ...)")
 
 

@@ -79,7 +79,7 @@ def has_model_hooks(model: nn.Module) -> bool:
 def plain_model_state(model: nn.Module) -> dict:
     """The pickled state of an activated ``model``: a plain model, no trace of deepopt.
 
-    Its weights are those ``model.state_dict()`` gives in the model's current mode (each
+    Its weights are those ``model.state_dict()`` gives, the evaluation weights (each
     optimizer activated on it puts its view in place, as before a ``state_dict()``).
     """
     hook_dicts = _hook_dicts(model)

@@ -10,7 +10,8 @@ an exception in ``forward``) first puts the right view in place (:mod:`deepopt.v
 Between a training forward and ``step`` the parameters hold ``w + e`` by design (backward
 needs them), so an exception raised in the loss or in backward, or a ``KeyboardInterrupt``
 in ``forward`` (torch runs ``always_call`` hooks only for ``Exception``), leaves ``w + e``
-in the parameter tensors until the next of those places; ``state_dict()`` is always clean.
+in the parameter tensors until the next of those places; ``state_dict()`` is always clean
+(and holds the evaluation weights in either mode: :mod:`deepopt.checkpoint`).
 
 Drivers (``deepopt run``, the integrations) use the public lifecycle: :meth:`show`,
 :meth:`before_update`, :meth:`after_update`, :meth:`forward_started`,
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .distributed import fsdp_modules, local_tensors, reshard
-from .hooks import ModelHook, has_model_hooks, needs_closure, plain_model_state, say
+from .hooks import ModelHook, needs_closure, say
 from .mechanisms.base import EVENTS, Mechanism
 from .sharded_state import pack, unpack
 from .views import VIEWS, Views
@@ -79,7 +81,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._params_stale = False
         self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
         self._buffer_cache: list[Tensor] = []
-        self._pending_train_values: list[Tensor] | None = None
+        self.resume = checkpoint.Resume()  # model + optimizer loads, in either order
         self._told_idle = False  # said once that nothing acted
         # An optimizer whose step(closure) evaluates the closure itself (LBFGS), possibly
         # several times, updates inside that call: nothing can act once per forward/backward.
@@ -90,22 +92,16 @@ class DeepOptimizer(torch.optim.Optimizer):
                           for e in EVENTS}
         self._train_forward, self._after = self._by_event["on_train_forward"], self._by_event["after_update"]
         self.perturbs = bool(self._by_event["perturbation"])  # whether a training forward may be perturbed
-        self._handles = [
-            # Under FSDP2 before its own pre-forward, which gathers the weights this hook shows.
-            model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True,
-                                            prepend=bool(self._fsdp)),
-            model.register_state_dict_pre_hook(ModelHook(self, "_on_state_dict")),
-            model.register_load_state_dict_post_hook(ModelHook(self, "_on_model_loaded")),
-        ]
+        # Under FSDP2 the pre-hook runs before FSDP's own, which gathers the weights it shows;
+        # state_dict() holds the evaluation weights; torch.save(model) gives a plain model.
+        self._handles = [model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True,
+                                                         prepend=bool(self._fsdp)),
+                         *checkpoint.install(self)]
         if self.perturbs:  # only a perturbing forward needs undoing when it raises
             self._handles += [
                 model.register_forward_hook(ModelHook(self, "_on_forward_done")),
                 model.register_forward_hook(ModelHook(self, "_on_forward_exit"), always_call=True),
             ]
-        # torch.save(model) must load where deepopt is not installed: pickling the model
-        # (and copy.deepcopy) goes through this instance attribute, which leaves out every
-        # deepopt hook and shows the weights state_dict() would give.
-        model.__dict__["__getstate__"] = functools.partial(plain_model_state, model)
 
     def _without_one_pass(self, mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
         off = [m for m in mechanisms if m.needs_one_pass]
@@ -223,7 +219,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     def after_update(self) -> None:
         """After the base optimizer's update: count it, then each mechanism's ``after_update``."""
         self.steps += 1
-        self._pending_train_values = None
+        self.resume.stepped(self)
         lr = self.lr
         if lr > self.max_lr:
             self.max_lr = lr
@@ -324,19 +320,11 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._forward_ok = False
 
     def _on_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
-        if not self._held:
-            self.show("train" if module.training else "eval")
+        if not self._held:  # in either mode, the evaluation weights (deepopt.checkpoint)
+            checkpoint.show_saved(self, module)
 
     def _on_model_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
-        # The loaded values are now the truth for whatever view was shown; after this
-        # optimizer's own state was loaded they are replaced by its training values.
-        self.views.forget()
-        resumed = self._pending_train_values is not None
-        if resumed:
-            with torch.no_grad():
-                torch._foreach_copy_(self.eval_targets(), self._pending_train_values)
-        for m in self._by_event["on_weights_loaded"]:
-            m.on_weights_loaded(self, resumed)
+        checkpoint.model_loaded(self)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]
@@ -352,7 +340,7 @@ class DeepOptimizer(torch.optim.Optimizer):
             "steps": self.steps,
             "max_lr": self.max_lr,
             "mechanisms": {m.name: m.state_dict() for m in self.mechanisms},
-            # model.state_dict() may hold the evaluation weights; resuming needs these.
+            # model.state_dict() holds the evaluation weights; resuming needs these.
             "train_values": self.views.train_values(self.eval_targets()) if self.has_eval_view else None,
         }
 
@@ -380,8 +368,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         if values is not None and self.has_eval_view:
             with torch.no_grad():
                 torch._foreach_copy_(self.eval_targets(), values)
-            self._pending_train_values = [v.clone() for v in values]
+            self.resume.train_values = [v.clone() for v in values]
             reshard(self._fsdp)
+        self.resume.optimizer_loaded = True
 
     # -- undo ----------------------------------------------------------------------------------
     def detach(self) -> torch.optim.Optimizer:
@@ -392,8 +381,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         for h in self._handles:
             h.remove()
         self._handles = []
-        if not has_model_hooks(self.model):  # another optimizer's may remain
-            self.model.__dict__.pop("__getstate__", None)
+        checkpoint.uninstall(self)
         if getattr(self.optimizer, "_deepopt_wrapper", None) is self:
             del self.optimizer._deepopt_wrapper
         return self.optimizer

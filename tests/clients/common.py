@@ -33,7 +33,13 @@ def maybe_activate(model, optimizer):
 
 
 def save_training_weights(out: Path, **models: torch.nn.Module) -> None:
-    """The training weights (``state_dict()`` in train mode) of each model, for comparison."""
+    """The training weights of each model, for comparison (the harness's, not the script's:
+    under deepopt ``state_dict()`` holds the evaluation weights)."""
+    try:
+        from deepopt.checkpoint import training_state_dict
+    except ImportError:  # a plain run: state_dict() in train mode is the training weights
+        def training_state_dict(m):
+            return m.state_dict()
     for model in models.values():
         model.train()
-    torch.save({name: m.state_dict() for name, m in models.items()}, out / "weights.pt")
+    torch.save({name: training_state_dict(m) for name, m in models.items()}, out / "weights.pt")

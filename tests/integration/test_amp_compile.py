@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import deepopt
+from deepopt.checkpoint import training_state_dict
 
 # average_every=1: the average folds in every step (the default recipe's 4 would leave these
 # few-step runs' averages nearly empty), so the evaluation weights compared and the folds
@@ -40,7 +41,7 @@ def activated(momentum: float = 0.9, **settings):
 def weights(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     """Training weights and evaluation weights, leaving the model in train mode."""
     model.train()
-    train = [t.clone() for t in model.state_dict().values()]
+    train = list(training_state_dict(model).values())
     model.eval()
     evals = [t.clone() for t in model.state_dict().values()]
     model.train()

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import deepopt  # noqa: E402
+from deepopt.checkpoint import training_state_dict  # noqa: E402
 from deepopt.integrations.huggingface import DeepOpt  # noqa: E402
 
 # A plain EMA folded in every step (the default recipe folds every 4th step and shrinks the
@@ -67,7 +68,7 @@ def make_trainer(tmp_path, model=None, callbacks=(), **kwargs) -> transformers.T
 def weights(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
     was = model.training
     model.train()
-    train = [t.clone() for t in model.state_dict().values()]
+    train = list(training_state_dict(model).values())
     model.eval()
     evals = [t.clone() for t in model.state_dict().values()]
     model.train(was)
@@ -108,7 +109,8 @@ def test_train_uses_deepopt_and_evaluate_uses_the_evaluation_weights(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(eval_loss(model, w["eval"]), rel=1e-5)
     assert metrics["eval_loss"] != pytest.approx(eval_loss(model, w["train"]), rel=1e-5)
 
-    # save_model after train() writes the evaluation weights
+    # save_model writes the evaluation weights, the model in either mode
+    model.train()
     trainer.save_model(str(tmp_path / "final"))
     saved = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
     for value, evaluated in zip(saved.state_dict().values(), w["eval"]):

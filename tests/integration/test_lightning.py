@@ -14,6 +14,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 import deepopt  # noqa: E402
+from deepopt.checkpoint import training_state_dict  # noqa: E402
 from deepopt.integrations.lightning import DeepOpt  # noqa: E402
 
 # A plain EMA folded in every step (the default recipe folds every 4th step and widens the
@@ -76,7 +77,7 @@ def trainer(tmp_path, epochs: int, callbacks=(), **kwargs) -> pl.Trainer:
 def weights(module: nn.Module) -> dict[str, list[torch.Tensor]]:
     was = module.training
     module.train()
-    train = [t.clone() for t in module.state_dict().values()]
+    train = list(training_state_dict(module).values())
     module.eval()
     evals = [t.clone() for t in module.state_dict().values()]
     module.train(was)
@@ -177,6 +178,21 @@ def test_checkpoint_holds_evaluation_weights_and_resumes_exactly(tmp_path):
     trainer(tmp_path / "c", epochs=2, callbacks=[cb2]).fit(resumed, loader(), loader(), ckpt_path=path)
     assert cb2.optimizer.steps == callback.optimizer.steps == 2 * BATCHES
     assert_same(weights(resumed), weights(full))
+
+
+def test_model_checkpoint_keeps_the_weights_whose_val_loss_picked_it(tmp_path):
+    module, callback = Net(scheduler=True), DeepOpt(**SETTINGS)
+    best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    trainer(tmp_path, epochs=3, callbacks=[callback, best], enable_checkpointing=True).fit(module, loader(), loader())
+    ckpt = torch.load(best.best_model_path, weights_only=False)
+    plain = Net()  # no deepopt: the deployed model
+    plain.load_state_dict(ckpt["state_dict"])
+    x, y = next(iter(torch.utils.data.DataLoader(dataset(), batch_size=2 * BATCH)))  # limit_val_batches=2
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(plain.eval().net(x), y)
+    torch.testing.assert_close(loss, best.best_model_score, rtol=1e-6, atol=1e-6)  # mean of 2 batch means
+    opt_state = ckpt["optimizer_states"][0]["deepopt"]
+    assert not torch.equal(ckpt["state_dict"]["net.0.weight"], opt_state["train_values"][0])
 
 
 def test_disabled_callback_changes_nothing(tmp_path):

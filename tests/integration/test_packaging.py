@@ -1,16 +1,21 @@
-"""The core imports no framework and none of the demo's packages; each integration, and the
-demo, bench and report commands, say what to install when a package is missing."""
+"""The core imports no framework and none of the demo's packages; each integration and the
+demo say what to install when a package is missing; the wheel holds the library, not the lab
+(benchmarks/), and the two meet only through the library's exported names."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from deepopt import cli
+ROOT = Path(__file__).parents[2]
 
 FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
 
@@ -89,34 +94,88 @@ def test_demo_without_its_extra_says_what_to_install_in_one_line():
                                    "(missing: matplotlib)")
 
 
-@pytest.mark.parametrize("argv, extra", [(["bench", "overhead"], "bench"), (["report"], "demo")])
-def test_bench_and_report_without_the_extra_name_it(monkeypatch, capsys, argv, extra):
-    monkeypatch.setitem(sys.modules, "mnist1d", None)
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    assert cli.main(argv) == 2
-    assert capsys.readouterr().err == (f"deepopt {argv[0]} needs the {extra} extra: pip install "
-                                       f"'deepopt[{extra}]' (missing: mnist1d, pillow)\n")
-    with pytest.raises(SystemExit) as help_exit:  # --help needs no extra
-        cli.main([argv[0], "--help"])
-    assert help_exit.value.code == 0 and "needs the" not in capsys.readouterr().err
-
-
-def test_a_package_found_missing_mid_command_is_the_same_one_line(monkeypatch, capsys):
-    def needs_sklearn(argv):
-        import sklearn  # noqa: F401
-
-    fake = type(sys)("deepopt.bench.runner")
-    fake.main = needs_sklearn
-    monkeypatch.setitem(sys.modules, "deepopt.bench.runner", fake)
-    monkeypatch.setitem(sys.modules, "sklearn", None)
-    assert cli.main(["bench", "zoo"]) == 2
-    assert "pip install 'deepopt[bench]' (missing: scikit-learn)" in capsys.readouterr().err
-
-
 def test_core_dependencies_are_torch_and_numpy_and_the_tests_get_the_demo_extra():
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert [d.split(">")[0] for d in project["dependencies"]] == ["torch", "numpy"]
     extras = project["optional-dependencies"]
     assert {d.split(">")[0] for d in extras["demo"]} == {"tqdm", "matplotlib", "mnist1d", "pillow"}
     assert "deepopt[demo]" in extras["test"] and "deepopt[demo]" in extras["bench"]
+
+
+def test_the_wheel_holds_the_library_and_no_lab_module(tmp_path):
+    """Built from a copy of the sources that includes the lab, so a packaging rule that
+    picked up benchmarks/ would show here."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "results", "plots")
+    shutil.copytree(ROOT / "src", source / "src", ignore=skip)
+    shutil.copytree(ROOT / "benchmarks", source / "benchmarks", ignore=skip)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(tmp_path / "dist"), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("deepopt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"deepopt", f"{wheel.name.split('-py')[0]}.dist-info"}
+    assert not [n for n in names if "benchmarks" in n or "/bench/" in n]
+    library = {n for n in names if n.endswith(".py")}
+    assert library == {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src/deepopt").rglob("*.py")}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports by absolute name, at the top or inside functions (a
+    relative import stays within the file's own package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_the_library_imports_nothing_of_the_lab():
+    sources = sorted((ROOT / "src/deepopt").rglob("*.py"))
+    assert len(sources) > 20
+    assert {str(p.relative_to(ROOT)): m for p in sources for m in _imported_modules(p)
+            if m.split(".")[0] == "benchmarks"} == {}
+    # and at run time, with the lab importable: every deepopt module, then what got loaded
+    code = ("import importlib, pkgutil, sys, deepopt\n"
+            "for m in pkgutil.walk_packages(deepopt.__path__, 'deepopt.'):\n"
+            "    try:\n"
+            "        importlib.import_module(m.name)\n"
+            "    except ImportError:\n"
+            "        pass  # an integration whose framework is not installed\n"
+            "print(len([m for m in sys.modules if m.startswith('deepopt.')]), "
+            "sorted(m for m in sys.modules if m.split('.')[0] == 'benchmarks'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    loaded, lab = proc.stdout.split(maxsplit=1)
+    assert int(loaded) > 20 and lab.strip() == "[]"
+
+
+def _public(module: str, name: str) -> bool:
+    """Whether ``name`` is exported by ``module`` (in its ``__all__``), or is a submodule of it."""
+    mod = importlib.import_module(module)
+    submodule = hasattr(mod, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+    return name in getattr(mod, "__all__", ()) or submodule
+
+
+def test_the_lab_uses_only_names_the_library_exports():
+    """The lab's imports from deepopt, by name: each in its module's ``__all__``; no private module."""
+    uses = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] == "deepopt":
+                uses += [(path.name, node.module, alias.name) for alias in node.names]
+            elif isinstance(node, ast.Import):
+                uses += [(path.name, alias.name, None) for alias in node.names
+                         if alias.name.split(".")[0] == "deepopt"]
+    assert len(uses) > 10
+    private = [u for u in uses if any(part.startswith("_") for part in u[1].split("."))]
+    unexported = [u for u in uses if u[2] is not None and not _public(u[1], u[2])]
+    assert private == [] and unexported == []

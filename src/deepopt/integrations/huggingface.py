@@ -16,10 +16,10 @@ How it fits the Trainer's design:
   with a warning (the model and the base optimizer still resume).
 * The model's forward hooks show the perturbed weights in training and the evaluation
   weights in ``evaluate()``/``predict()`` (the Trainer puts the model in eval mode).
-* With weight averaging, saved models (checkpoints, ``save_model()`` after ``train()``,
-  ``load_best_model_at_end``) hold the evaluation weights: the callback puts the model in
-  eval mode before a checkpoint is written and at the end of ``train()``. The training
-  weights travel in ``optimizer.pt``.
+* With weight averaging, saved models (checkpoints, ``save_model()``, the model
+  ``load_best_model_at_end`` picks by its eval metric) hold the evaluation weights, as
+  ``state_dict()`` does in either mode (:mod:`deepopt.checkpoint`); the training weights
+  travel in ``optimizer.pt``, so ``train(resume_from_checkpoint=...)`` resumes exactly.
 
 Example:
     >>> from transformers import Trainer, TrainingArguments           # doctest: +SKIP
@@ -118,28 +118,6 @@ class DeepOpt(TrainerCallback):
         saved = torch.load(os.path.join(folder, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
         if "deepopt" in saved:
             self.optimizer.load_state_dict(saved)
-
-    def _show_evaluation_weights(self, control: TrainerControl, model: nn.Module | None) -> None:
-        opt = self.optimizer
-        if control.should_save and model is not None and opt is not None and opt.has_eval_view:
-            model.eval()  # the checkpoint's model file gets the evaluation weights
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Before a checkpoint is written, show the evaluation weights."""
-        self._show_evaluation_weights(control, model)
-
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Before an end-of-epoch checkpoint is written, show the evaluation weights."""
-        self._show_evaluation_weights(control, model)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, **kwargs: Any) -> None:
-        """Leave the model showing its evaluation weights (eval mode) for saving and inference."""
-        opt = self.optimizer
-        if model is not None and opt is not None and opt.has_eval_view:
-            model.eval()
 
 
 def _unwrap(optimizer: Any) -> tuple[Any, torch.optim.Optimizer | None]:

@@ -10,9 +10,11 @@ What the callback does, and where:
   then loads deepopt's state from the optimizer state, which carries it.
 * Training batches run at the perturbed weights, validation/test/predict batches at the
   evaluation weights, whether ``training_step`` calls ``self(x)`` or a submodule.
-* Checkpoints: ``checkpoint["state_dict"]`` holds the evaluation weights (what
-  ``load_from_checkpoint`` and ``test(ckpt_path=...)`` should use); the training weights
-  and the average are in ``checkpoint["optimizer_states"]``.
+* Checkpoints (``ModelCheckpoint``, ``Trainer.save_checkpoint``): ``checkpoint["state_dict"]``
+  holds the evaluation weights, as ``state_dict()`` does in either mode (:mod:`deepopt.checkpoint`),
+  so the best checkpoint holds the weights whose validation score picked it, and
+  ``load_from_checkpoint`` and ``test(ckpt_path=...)`` use them; the training weights and the
+  average are in ``checkpoint["optimizer_states"]``, and ``fit(ckpt_path=...)`` resumes exactly.
 
 Works with ``accumulate_grad_batches`` (one perturbation and one average update per
 optimizer step), ``gradient_clip_val``, schedulers from ``configure_optimizers`` and
@@ -126,22 +128,6 @@ class DeepOpt(pl.Callback):
     on_validation_batch_start = _show_eval
     on_test_batch_start = _show_eval
     on_predict_batch_start = _show_eval
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """Store the evaluation weights as the checkpoint's ``state_dict``."""
-        opt, state = self.optimizer, checkpoint.get("state_dict")
-        if opt is None or not opt.has_eval_view or state is None:
-            return
-        training = pl_module.training
-        pl_module.eval()  # state_dict() in eval mode holds the evaluation weights
-        try:
-            evaluation = pl_module.state_dict()
-        finally:
-            pl_module.train(training)
-        for key in state.keys() & evaluation.keys():
-            state[key] = evaluation[key].detach().clone()
 
     def _calibration_pending(self) -> Any:
         """The calibration mechanism while it waits for the module's first forward, else ``None``."""

@@ -22,7 +22,8 @@ Events, in the order a step meets them:
   user's gradients (two-pass SAM's gradient at ``w + e``, replayed); ``False`` skips the update.
 * :meth:`after_update`: after the base optimizer updated the weights.
 * :meth:`show_eval`: put the evaluation weights in place (``model.eval()`` forwards,
-  ``state_dict()`` in eval mode): enter the view with ``opt.views.enter(...)`` first.
+  ``state_dict()`` in either mode, the modules then in eval mode; :mod:`deepopt.checkpoint`):
+  enter the view with ``opt.views.enter(...)`` first.
 * :meth:`on_weights_loaded`: ``model.load_state_dict`` put new weights in.
 * :meth:`detach`: ``deepopt.deactivate``: remove what :meth:`attach` installed.
 

@@ -1,4 +1,4 @@
-"""``deepopt bench zoo``: the training setups users run, small enough for seconds each.
+"""``python -m benchmarks zoo``: the training setups users run, small enough for seconds each.
 
 The seed benchmark and the MNIST-1D suite train under step-drop schedules only, where
 any weight average is worth about nothing by construction (the schedule already
@@ -26,8 +26,8 @@ The metric is higher-is-better in points: accuracy in % for classification, and
 
 Example (shell)::
 
-    deepopt bench zoo --seeds 0 1 2 3 4            # the offline setups
-    deepopt bench zoo --data ../shared/data/cifar10-jpeg.tar --setups cifar-cnn-sgdm-const
+    python -m benchmarks zoo --seeds 0 1 2 3 4            # the offline setups
+    python -m benchmarks zoo --data ../shared/data/cifar10-jpeg.tar --setups cifar-cnn-sgdm-const
 """
 
 from __future__ import annotations
@@ -811,7 +811,7 @@ def _planned(args: argparse.Namespace) -> Iterator[tuple[Setup, int, str, dict]]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="deepopt bench zoo",
+        prog="python -m benchmarks zoo",
         description="Train the zoo's setups (classical and each mode, paired by seed) and append "
         "one JSON row per (setup, seed, mode, split) to --out; finished rows are skipped.",
     )
@@ -849,17 +849,17 @@ def main(argv: list[str] | None = None) -> int:
         _activate_kwargs(m)  # unknown modes fail before any training
     unknown = sorted(set(args.observers) - set(OBSERVERS))
     if unknown:
-        print(f"deepopt bench zoo: unknown observer(s) {', '.join(unknown)}", file=sys.stderr)
+        print(f"python -m benchmarks zoo: unknown observer(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
     if args.cost:
         return _cost_main(args)
     if "peer-ema-pytorch" in args.observers and importlib.util.find_spec("ema_pytorch") is None:
         args.observers.remove("peer-ema-pytorch")
-        print("deepopt bench zoo: peer-ema-pytorch left out: ema-pytorch is not installed "
-              "(pip install \"deepopt[bench]\")", file=sys.stderr)
+        print("python -m benchmarks zoo: peer-ema-pytorch left out: ema-pytorch is not installed "
+              "(pip install -e \".[bench]\")", file=sys.stderr)
     plan = list(_planned(args))
     if not plan:
-        print(f"deepopt bench zoo: every planned run is in {args.out}")
+        print(f"python -m benchmarks zoo: every planned run is in {args.out}")
         return 0
     bar = tqdm(plan, desc="zoo", unit="run", disable=None)
     for done_runs, (setup, seed, mode, observers) in enumerate(bar, 1):
@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             data = load_data(setup.data, args.data)
         except FileNotFoundError as e:
-            print(f"deepopt bench zoo: skipping {setup.name}: {e}", file=sys.stderr)
+            print(f"python -m benchmarks zoo: skipping {setup.name}: {e}", file=sys.stderr)
             continue
         done = finished(Path(args.out))
         t0 = time.perf_counter()
@@ -896,7 +896,7 @@ def _cost_main(args: argparse.Namespace) -> int:
             try:
                 data = load_data(setup.data, args.data)
             except FileNotFoundError as e:
-                print(f"deepopt bench zoo: skipping {setup.name}: {e}", file=sys.stderr)
+                print(f"python -m benchmarks zoo: skipping {setup.name}: {e}", file=sys.stderr)
                 break
             row = measure_cost(setup, mode, data)
             append_row(out, row)

@@ -11,7 +11,7 @@ modules with ``weight`` and ``bias``.
 
 Example::
 
-    from deepopt.bench.nets import build_net
+    from benchmarks.nets import build_net
     net = build_net(1)
     logits = net(torch.randn(8, 3, 32, 32))   # 8 x 10
 """

@@ -1,9 +1,9 @@
-"""``deepopt bench overhead`` prices what a recipe really does per step."""
+"""``python -m benchmarks overhead`` prices what a recipe really does per step."""
 
 import torch
 from torch import nn
 
-from deepopt.bench import nets, overhead, report
+from benchmarks import nets, overhead, tables
 
 
 def _counting_net(calls: list[str]):
@@ -47,4 +47,4 @@ def test_tiny_mlp_is_a_net_choice(monkeypatch, tmp_path):
     assert seen == ["mlp", 6]
     rows = [{"net": net, "settings": {}, "ms_per_step_classical": 1.0, "ms_per_step_activated": 1.1,
              "ratio": 1.1} for net in ("mlp", 6, 1)]
-    assert [line.split(" |")[0] for line in report.overhead_table(rows).splitlines()[2:]] == ["| 1", "| 6", "| mlp"]
+    assert [line.split(" |")[0] for line in tables.overhead_table(rows).splitlines()[2:]] == ["| 1", "| 6", "| mlp"]

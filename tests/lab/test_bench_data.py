@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepopt.bench import data
-from deepopt.bench.data import cache_dir, load_cifar10, load_cifar10_uint8, standardize
+from benchmarks import data
+from benchmarks.data import cache_dir, load_cifar10, load_cifar10_uint8, standardize
 
 PIL = pytest.importorskip("PIL.Image")
 

@@ -1,4 +1,4 @@
-"""``deepopt bench overhead``: per-step cost of a recipe against classical training.
+"""``python -m benchmarks overhead``: per-step cost of a recipe against classical training.
 
 Classical and activated steps run in alternating blocks inside one single-threaded
 process and are timed with the process's CPU clock, so load from other jobs on the
@@ -9,7 +9,7 @@ per-step cost shows.
 
 Example (shell)::
 
-    deepopt bench overhead --nets mlp 6 5 1 --settings '{}' '{"rho": 0.1}'
+    python -m benchmarks overhead --nets mlp 6 5 1 --settings '{}' '{"rho": 0.1}'
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def step_costs(net: int | str, settings: dict, steps: int = 300, block: int = 25
     batches of 64 synthetic examples, SGD with momentum.
     """
     import deepopt
-    from deepopt.bench.nets import build_net
+    from benchmarks.nets import build_net
     from deepopt.experimental import legacy_kwargs
 
     from .train import LR, MOMENTUM, WEIGHT_DECAY
@@ -116,12 +116,12 @@ def step_costs(net: int | str, settings: dict, steps: int = 300, block: int = 25
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="deepopt bench overhead",
+        prog="python -m benchmarks overhead",
         description="Per-step CPU cost of deepopt's settings against classical training on the "
         "seed6 nets and a tiny MLP: classical and activated steps alternate in blocks in one single-threaded "
         "process, timed with its CPU clock, so other jobs slow both alike. One JSON row per net "
         "and settings is appended to --out.",
-        epilog="example: deepopt bench overhead --nets mlp 6 5 1 --settings '{}' '{\"rho\": 0.1}'",
+        epilog="example: python -m benchmarks overhead --nets mlp 6 5 1 --settings '{}' '{\"rho\": 0.1}'",
     )
     p.add_argument("--nets", type=_net, nargs="+", default=[6, 5, 1], metavar="NET",
                    help="seed6 net numbers (1-6), or mlp: a 64-128-10 MLP where deepopt's fixed "

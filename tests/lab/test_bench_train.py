@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepopt.bench.train import append_row, current_settings, evaluate, finished, milestones, run
+from benchmarks.train import append_row, current_settings, evaluate, finished, milestones, run
 
 ROW_KEYS = {
     "net",
@@ -179,7 +179,7 @@ def test_a_deepopt_run_of_a_changed_recipe_is_not_finished(tmp_path: Path) -> No
 
 
 def test_a_setting_added_since_a_row_counts_as_its_default(tmp_path: Path, monkeypatch) -> None:
-    import deepopt.bench.train as train_mod
+    import benchmarks.train as train_mod
 
     path = tmp_path / "rows.jsonl"
     now = current_settings("deepopt")
@@ -212,7 +212,7 @@ def test_finished_skips_truncated_line_and_append_recovers(tmp_path: Path) -> No
 
 def test_run_killed_after_an_epoch_resumes_bit_identically(tmp_path):
     """A checkpoint after epoch 1 of 2 plus a second call gives the uninterrupted row."""
-    import deepopt.bench.train as train_mod
+    import benchmarks.train as train_mod
 
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g),

@@ -1,4 +1,4 @@
-"""``deepopt bench mnist1d``: mechanisms across architecture families, in minutes.
+"""``python -m benchmarks mnist1d``: mechanisms across architecture families, in minutes.
 
 For every network (MLP, CNN, GRU, the plain 20-layer ``deep`` net) and every settings
 dict, :func:`deepopt.demo.run_demo` trains the classical/activated pair on each seed
@@ -8,8 +8,8 @@ the last 20% of the training set, so settings are chosen without the test set.
 
 Example (shell)::
 
-    deepopt bench mnist1d --nets mlp cnn gru --num-seeds 5 --settings '{}' '{"noise": 0.1}'
-    deepopt report benchmarks/results/mnist1d.jsonl --markdown BENCHMARKS.md
+    python -m benchmarks mnist1d --nets mlp cnn gru --num-seeds 5 --settings '{}' '{"noise": 0.1}'
+    python -m benchmarks report benchmarks/results/mnist1d.jsonl --markdown BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from deepopt.demo import DEFAULT_EPOCHS, NETS, add_seeds_is_a_list, run_demo
 
     p = argparse.ArgumentParser(
-        prog="deepopt bench mnist1d",
+        prog="python -m benchmarks mnist1d",
         description="MNIST-1D classical/activated pairs (same init and data order per seed) for each "
         "network and settings dict, in minutes; one JSON row per (net, settings, split) is appended "
         "to --out, and rows already there are skipped.",
-        epilog="example: deepopt bench mnist1d --nets mlp cnn --num-seeds 5 --settings '{}' "
+        epilog="example: python -m benchmarks mnist1d --nets mlp cnn --num-seeds 5 --settings '{}' "
         "'{\"noise\": 0.1}'",
     )
     p.add_argument("--nets", nargs="+", choices=NETS, default=["mlp", "cnn", "gru"],

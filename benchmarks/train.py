@@ -39,7 +39,7 @@ evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs
   batches): oneDNN's convolution backward dominates, and on the tiny maps at the end of
   the conv stacks it is pathological (net 3's 512 -> 1024 conv on 2 x 2: 292 ms of
   backward and 56 of forward in a 519 ms step, two thirds of the step in that one layer).
-  :class:`~deepopt.bench.nets.SeedConv2d` computes outputs of at most 2 x 2 pixels as
+  :class:`~benchmarks.nets.SeedConv2d` computes outputs of at most 2 x 2 pixels as
   one matrix product: net 3 519 -> 203 ms/step on one thread (131 on two), net 4
   ~400 -> ~355, net 1 ~34 -> ~32 (the MLPs, nets 5 and 6, have no conv). Same
   convolution, other summation order, so conv-net runs from before it (all of net 1's
@@ -51,8 +51,8 @@ evaluation excluded). Other benchmark jobs kept ~1.5 cores busy during most runs
 
 Example::
 
-    from deepopt.bench.data import load_cifar10
-    from deepopt.bench.train import append_row, finished, run
+    from benchmarks.data import load_cifar10
+    from benchmarks.train import append_row, finished, run
 
     data = load_cifar10("../shared/data/cifar10-jpeg.tar")
     if (5, "classical", 0, 20) not in finished("runs/seed6.jsonl"):
@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepopt.bench.nets import build_net
+from benchmarks.nets import build_net
 
 __all__ = [
     "BATCH_SIZE",
@@ -114,13 +114,13 @@ SAM_RHO = 0.05  # SAM (Foret et al. 2021): rho 0.05, their CIFAR value and davda
 SWA_START = 0.75  # SWA averages the epoch-end weights from 75% of the budget on
 EMA_DECAY = 0.999  # torch.optim.swa_utils.get_ema_multi_avg_fn's default
 
-#: The seed6 modes (``deepopt bench seed6``): name -> what the loop does. Model, loss,
+#: The seed6 modes (``python -m benchmarks seed6``): name -> what the loop does. Model, loss,
 #: optimizer, batch size, data order and LR schedule shape are the same in all of them.
 MODES: dict[str, str] = {
     "classical": "the protocol's plain SGD loop",
     "deepopt": "deepopt.activate(model, optimizer) with recipe 'default'",
     "deepopt-thorough": "deepopt.activate(..., recipe='thorough') and optimizer.step(closure)",
-    "sam": f"exact two-pass SAM, rho {SAM_RHO} (deepopt.bench.train.sam_step, not deepopt)",
+    "sam": f"exact two-pass SAM, rho {SAM_RHO} (benchmarks.train.sam_step, not deepopt)",
     "swa": "torch.optim.swa_utils SWA: AveragedModel of the epoch-end weights from "
     f"{SWA_START:.0%} of the budget on, update_bn, the average evaluated",
     "ema": f"torch.optim.swa_utils EMA (decay {EMA_DECAY}, weights and buffers, every step), "
@@ -199,7 +199,7 @@ def run(
     size 64, per-epoch reshuffle and LR schedule shape (x0.1 at :func:`milestones`
     of the epochs trained) are the same in every mode. The same ``seed`` gives the
     same initialisation (``torch.manual_seed`` before
-    :func:`~deepopt.bench.nets.build_net`) and the same data order (a separate
+    :func:`~benchmarks.nets.build_net`) and the same data order (a separate
     ``torch.Generator``) in every mode.
 
     Modes (:data:`MODES`):
@@ -230,7 +230,7 @@ def run(
         seed: initialisation and data-order seed.
         epochs: epoch budget; sets the LR drops (of the epochs trained).
         data: ``(x_train, y_train, x_test, y_test)`` tensors, as from
-            :func:`deepopt.bench.data.load_cifar10`.
+            :func:`benchmarks.data.load_cifar10`.
         activate_kwargs: keyword arguments of ``deepopt.activate``; default none.
             The extra key ``"closure": True`` (removed before the call) makes the
             loop pass a closure that recomputes the loss to ``optimizer.step``.
@@ -296,7 +296,7 @@ def run(
     swa_start = settings.get("swa_start_epoch", 0)
     order = torch.Generator().manual_seed(seed)
 
-    from ..progress import progress_bar
+    from deepopt.progress import progress_bar
 
     test_acc: list[float] = []
     train_loss: list[float] = []
@@ -634,7 +634,7 @@ def is_current(row: dict) -> bool:
     """Whether a seed6 row still describes its mode (``False`` for a recipe changed since).
 
     Rows of other modes, and ablation rows (which keep their own label and settings), are
-    always current. Used by the runner (a stale run is redone) and by ``deepopt report``
+    always current. Used by the runner (a stale run is redone) and by ``python -m benchmarks report``
     (a stale row is left out of the tables until its run is redone).
 
     Example:
@@ -675,7 +675,7 @@ def finished_rows(path: str | os.PathLike[str]) -> dict[tuple[int, str, int, int
     ``epochs``; so a runner asks for ``(net, mode, seed, budget)`` in every mode.
     A seed6 ``deepopt``/``deepopt-thorough`` row whose ``resolved`` settings differ from
     what its recipe resolves to now (:func:`current_settings`) does not count: the run is
-    redone and ``deepopt report`` keeps the later row. A setting newer than the row counts
+    redone and ``python -m benchmarks report`` keeps the later row. A setting newer than the row counts
     as its default there. A missing file gives an empty dict; lines that are not complete JSON rows (e.g. cut off by a crash) are skipped.
     """
     p = Path(path)

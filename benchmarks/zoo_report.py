@@ -1,4 +1,4 @@
-"""The zoo's tables and forest plot (``deepopt report benchmarks/results/zoo.jsonl``).
+"""The zoo's tables and forest plot (``python -m benchmarks report benchmarks/results/zoo.jsonl``).
 
 * ``zoo-screen``: every candidate on the **validation** split, the mean over setups of its
   paired gain vs classical, how many setups it wins or loses with a 95% interval clear
@@ -12,7 +12,7 @@
 * ``zoo-forest.png``: gain +/- 95% interval per setup and mode, on the test split.
 
 Costs per step of the training modes come from ``zoo-cost.jsonl`` beside the rows
-(``deepopt bench zoo --cost``: alternating blocks timed with the CPU clock in one
+(``python -m benchmarks zoo --cost``: alternating blocks timed with the CPU clock in one
 process); those of the evaluation-only candidates from their own runs.
 
 Metric: final-epoch accuracy in % (classification) or ``R^2`` in % (regression);
@@ -32,9 +32,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .report import _t95
+from .stats import interval
 
-__all__ = ["COSTS", "use_costs", "gains", "interval", "screen_table", "candidates_table", "setup_table",
+__all__ = ["COSTS", "use_costs", "gains", "screen_table", "candidates_table", "setup_table",
            "summary_table", "forest_plot", "TEST_MODES", "THOROUGH_MODES", "MSAM_MODES", "LABELS", "label", "derive_sam_costs"]
 
 #: What the test tables show: deepopt's default and the peers a user would pick instead.
@@ -74,13 +74,6 @@ def label(mode: str) -> str:
     """A mode's name in the tables (:data:`LABELS`, else the mode itself)."""
     return LABELS.get(mode, mode)
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t interval (0 half-width for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, _t95(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-
 
 def _index(rows: list[dict], split: str) -> dict[tuple[str, str], dict[int, dict]]:
     """``(setup, mode) -> {seed: row}`` for one split; the last row of a run wins."""
@@ -105,7 +98,7 @@ def gains(rows: list[dict], mode: str, split: str) -> dict[str, list[float]]:
     return out
 
 
-#: ``(setup, mode) -> CPU-time ratio`` from ``zoo-cost.jsonl`` (``deepopt bench zoo --cost``),
+#: ``(setup, mode) -> CPU-time ratio`` from ``zoo-cost.jsonl`` (``python -m benchmarks zoo --cost``),
 #: set by :func:`use_costs`; modes not in it (the evaluation-only candidates) are costed
 #: within their own run (classical step plus their measured update).
 COSTS: dict[tuple[str, str], float] = {}
@@ -130,7 +123,7 @@ def derive_sam_costs(rows: list[dict]) -> int:
     little, and a block median would miss a SAM that runs in part of the run only. SAM at
     every step costs what ``peer-sam`` does; SAM in the low-LR tail what the default does plus
     ``share * (that - 1)``, ``share`` being the steps in the tail
-    (:func:`deepopt.bench.zoo.tail_share`, replayed per run).
+    (:func:`benchmarks.zoo.tail_share`, replayed per run).
     """
     from .zoo import tail_share
 

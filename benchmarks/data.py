@@ -17,7 +17,7 @@ official label indices, which are the same sorted order for CIFAR-10).
 
 Example::
 
-    from deepopt.bench.data import load_cifar10
+    from benchmarks.data import load_cifar10
     x_train, y_train, x_test, y_test = load_cifar10("../shared/data/cifar10-jpeg.tar")
     # x_*: float32 N x 3 x 32 x 32, standardized per image; y_*: int64 N
 """

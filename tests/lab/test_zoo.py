@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deepopt.bench import zoo, zoo_report
+from benchmarks import zoo, zoo_report
 
 TINY = dataclasses.replace(zoo.SETUPS["breast-mlp-sgdm-cosine"], name="tiny", epochs=3)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepopt.bench.nets import NETS, SeedConv2d, TFSamePad2d, build_net
+from benchmarks.nets import NETS, SeedConv2d, TFSamePad2d, build_net
 
 
 def conv(cin: int, cout: int) -> int:

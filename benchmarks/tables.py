@@ -1,8 +1,4 @@
-"""``deepopt report``: BENCHMARKS.md tables and PNG plots from the raw result rows.
-
-Nothing in the tables is typed by hand: each table sits between
-``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers in BENCHMARKS.md and is
-rewritten from the JSON lines; the prose around the markers is left alone.
+"""The seed6, ablation, overhead and MNIST-1D tables of BENCHMARKS.md, from result rows.
 
 Statistics: final-epoch test accuracy (the primary figure) as mean +/- sample std
 over seeds; the paired difference to ``classical`` on the same seeds with a 95%
@@ -15,43 +11,27 @@ the nominal budget) sits in the block of its nominal budget and is paired with t
 deepopt run of that budget. Its last rows average each mode over the nets: the mean
 over nets of the per-net paired differences.
 
-Example (shell)::
-
-    deepopt report benchmarks/results/ablation.jsonl benchmarks/results/seed6.jsonl
+Example:
+    >>> rows = [{"net": 6, "mode": m, "seed": s, "final_test_acc": a}
+    ...         for s, (c, d) in enumerate([(50.0, 51.0), (60.0, 63.0)])
+    ...         for m, a in (("classical", c), ("deepopt", d))]
+    >>> paired(rows, "deepopt")
+    (2.0, 12.706..., 2)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import re
 import statistics
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-from .train import is_current
+from .stats import t95
 
 __all__ = [
-    "latest_runs", "load_rows", "machines_note", "paired", "seed_curves", "seed6_table", "table",
-    "overhead_table", "mnist1d_table", "budget_table", "main",
+    "latest_runs", "machines_note", "mode_of", "paired", "budget", "table", "SEED6_ORDER", "seed6_table",
+    "budget_table", "overhead_table", "mnist1d_table",
 ]
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (df > 30: normal).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 18: 2.101, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def _t95(df: int) -> float:
-    keys = [k for k in sorted(_T95) if k <= df]
-    return _T95[keys[-1]] if df <= 30 and keys else 1.96
-
-
-def load_rows(path: Path) -> list[dict]:
-    """All JSON rows of a results file (blank lines skipped)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def latest_runs(rows: list[dict]) -> list[dict]:
@@ -68,7 +48,7 @@ def latest_runs(rows: list[dict]) -> list[dict]:
     """
     latest: dict[tuple, dict] = {}
     for r in rows:
-        latest[(r["net"], _key(r), r["seed"], budget(r))] = r
+        latest[(r["net"], mode_of(r), r["seed"], budget(r))] = r
     return list(latest.values())
 
 
@@ -89,19 +69,25 @@ def machines_note(rows: list[dict]) -> str:
     return f"\n\n_Timing columns mix machines ({'; '.join(kinds)}): compare seconds only within one kind._"
 
 
-def _key(row: dict) -> str:
+def mode_of(row: dict) -> str:
+    """A row's mode: its ablation mechanism's name, else its seed6 ``mode``.
+
+    Example:
+        >>> mode_of({"mode": "ablation", "mechanism": {"name": "sam-0.05"}}), mode_of({"mode": "ema"})
+        ('sam-0.05', 'ema')
+    """
     mech = row.get("mechanism")
     return mech["name"] if isinstance(mech, dict) else row["mode"]
 
 
 def paired(rows: list[dict], mode: str, base: str = "classical", field: str = "final_test_acc"):
     """Mean paired difference ``mode - base`` over shared seeds, its 95% half-width, n."""
-    by = {(_key(r), r["seed"]): r[field] for r in rows}
+    by = {(mode_of(r), r["seed"]): r[field] for r in rows}
     diffs = [by[(mode, s)] - by[(base, s)] for (m, s) in by if m == mode and (base, s) in by]
     if not diffs:
         return None, None, 0
     mean = statistics.fmean(diffs)
-    half = _t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return mean, half, len(diffs)
 
 
@@ -121,7 +107,7 @@ def table(rows: list[dict], order: list[str] | None = None) -> str:
     """Markdown table per (net, mode/mechanism) of the given rows (one epoch budget)."""
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["net"], _key(r))].append(r)
+        groups[(r["net"], mode_of(r))].append(r)
     held_out = any(str(r.get("evaluated_on", "test")).startswith("validation") for r in rows)
     acc = "validation acc" if held_out else "test acc"
     lines = [
@@ -168,7 +154,7 @@ def seed6_table(rows: list[dict]) -> str:
     """
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["net"], _key(r))].append(r)
+        groups[(r["net"], mode_of(r))].append(r)
     rank = {m: i for i, m in enumerate(SEED6_ORDER)}
 
     def order(modes):
@@ -243,65 +229,6 @@ def seed6_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def seed_curves(accs: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Per epoch, the mean, lowest and highest accuracy over seeds (up to the shortest run).
-
-    Example:
-        >>> seed_curves([[10.0, 20.0], [24.0, 30.0, 31.0]])
-        ([17.0, 25.0], [10.0, 20.0], [24.0, 30.0])
-    """
-    n = min(len(a) for a in accs)
-    per_epoch = [[a[i] for a in accs] for i in range(n)]
-    return ([statistics.fmean(v) for v in per_epoch], [min(v) for v in per_epoch],
-            [max(v) for v in per_epoch])
-
-
-def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
-    """One PNG per net: mean test-accuracy curve per mode over seeds.
-
-    Classical and deepopt also get a shaded band from the lowest to the highest seed, so a
-    mean of one seed that trains and one that does not reads as such.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    out.mkdir(parents=True, exist_ok=True)
-    held_out = any(str(r.get("evaluated_on", "test")).startswith("validation") for r in rows)
-    paths = []
-    for net in sorted({r["net"] for r in rows}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        curves: dict[str, list[list[float]]] = defaultdict(list)
-        for r in rows:
-            if r["net"] == net:
-                curves[_key(r)].append(r["test_acc"])
-        colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 modes
-        ordered = sorted(curves.items(), key=lambda kv: (kv[0] != "classical", kv[0]))
-        for k, (mode, accs) in enumerate(ordered):
-            mean, low, high = seed_curves(accs)
-            epochs = range(1, len(mean) + 1)
-            bold = mode in ("classical", "deepopt", "default")
-            # classical dashed and on top: where a mode's curve is the same, both stay visible
-            style = {"color": "black", "ls": "--", "zorder": 3} if mode == "classical" else {
-                "color": "tab:blue" if bold else colors[k % len(colors)]}
-            ax.plot(epochs, mean, label=f"{mode} (n={len(accs)})", lw=2.5 if bold else 1.2, **style)
-            if bold and len(accs) > 1:  # peers unshaded: six bands would hide each other
-                ax.fill_between(epochs, low, high, color=style["color"], alpha=0.12, lw=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ylabel = "validation accuracy (%)" if held_out else "test accuracy (%)"
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: net {net} (mean over seeds; band: seed range)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = out / f"{title}-net{net}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def budget_table(files: dict[str, list[dict]]) -> str:
     """How each ablation mechanism's paired gain changes with the epoch budget.
 
@@ -325,7 +252,7 @@ def budget_table(files: dict[str, list[dict]]) -> str:
             sel = latest_runs([r for r in test if budget(r) == epochs])
             for net in sorted({r["net"] for r in sel}):
                 on_net = [r for r in sel if r["net"] == net]
-                for mech in sorted({_key(r) for r in on_net} - {"classical"}):
+                for mech in sorted({mode_of(r) for r in on_net} - {"classical"}):
                     mean, half, n = paired(on_net, mech)
                     if not n:
                         continue
@@ -345,16 +272,8 @@ def budget_table(files: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text: str, name: str, body: str) -> str:
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        return re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    return text.rstrip() + f"\n\n{block}\n"
-
-
 def overhead_table(rows: list[dict]) -> str:
-    """Per-step CPU cost rows (``deepopt bench overhead``): the latest row per net/settings."""
+    """Per-step CPU cost rows (``python -m benchmarks overhead``): the latest row per net/settings."""
     latest: dict[tuple[int | str, str], dict] = {}
     for r in rows:
         latest[(r["net"], json.dumps(r["settings"], sort_keys=True))] = r
@@ -370,7 +289,7 @@ def _sd(values: list[float]) -> float | None:
 
 
 def mnist1d_table(rows: list[dict]) -> str:
-    """MNIST-1D pairs (``deepopt bench mnist1d``): the latest row per net, settings and seeds."""
+    """MNIST-1D pairs (``python -m benchmarks mnist1d``): the latest row per net, settings and seeds."""
     latest: dict[tuple, dict] = {}
     for r in rows:
         latest[(r["net"], json.dumps(r["settings"], sort_keys=True), len(r["seeds"]), r["epochs"])] = r
@@ -380,7 +299,7 @@ def mnist1d_table(rows: list[dict]) -> str:
     for (net, settings, n, epochs), r in sorted(latest.items()):
         c, d = r["final_classical"], r["final_deepopt"]
         diffs = [b - a for a, b in zip(c, d)]
-        half = _t95(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+        half = t95(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
         ratio = "–" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}x"
         lines.append(
             f"| {net} | `{settings}` | {n} | {epochs} | {_fmt(statistics.fmean(c), _sd(c))} | "
@@ -389,110 +308,3 @@ def mnist1d_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the tables of the results files, or rewrite their blocks in ``--markdown``."""
-    p = argparse.ArgumentParser(
-        prog="deepopt report",
-        description="Tables (Markdown) and plots (PNG) from the results files of deepopt bench. "
-        "Nothing is written unless asked: without --markdown the tables go to stdout; with it, "
-        "each table replaces the text between its <!-- BEGIN name --> and <!-- END name --> "
-        "markers in that file (a table without markers there is appended), and every block "
-        "written is listed.",
-        epilog="example: deepopt report benchmarks/results/*.jsonl --markdown BENCHMARKS.md "
-        "--plots benchmarks/plots",
-    )
-    p.add_argument("results", nargs="+", type=Path, help="results .jsonl files (deepopt bench ... --out)")
-    p.add_argument("--markdown", type=Path, default=None, metavar="FILE",
-                   help="Markdown file whose generated blocks are rewritten (created if missing). "
-                   "Default: none, the tables are printed to stdout")
-    p.add_argument("--plots", type=Path, default=None, metavar="DIR",
-                   help="folder for the PNG plots the tables link to. Default: benchmarks/plots with "
-                   "--markdown, else none (no plot is drawn)")
-    p.add_argument("--blocks", nargs="+", default=None, metavar="NAME",
-                   help="write only these blocks into --markdown (e.g. zoo-summary for the README's "
-                   "table). Default: every block of the given results")
-    args = p.parse_args(argv)
-    if args.plots is None and args.markdown is not None:
-        args.plots = Path("benchmarks/plots")
-    # Progress goes to stderr when stdout carries the tables.
-    log = sys.stdout if args.markdown else sys.stderr
-    text = args.markdown.read_text() if args.markdown and args.markdown.exists() else ""
-    written: list[str] = []
-    plotted: list[Path] = []
-
-    def put(text: str, name: str, body: str) -> str:
-        if args.blocks is not None and name not in args.blocks:
-            return text
-        written.append(name if f"<!-- BEGIN {name} -->" in text else f"{name} (appended)")
-        return _replace_block(text, name, body)
-
-    def say(line: str) -> None:
-        print(line, file=log)
-
-    ablations: dict[str, list[dict]] = {}
-    for path in args.results:
-        rows = load_rows(path)
-        stem = path.stem
-        if rows and rows[0].get("suite") == "mnist1d":
-            split = rows[0]["split"]
-            body = (f"_Generated by `deepopt report` from `{path.as_posix()}` ({len(rows)} rows; "
-                    f"evaluated on the {split} split; the latest per net, settings and seeds)._\n\n"
-                    + mnist1d_table(rows))
-            text = put(text, stem, body)
-            say(f"{stem}: {len(rows)} rows")
-            continue
-        if rows and "setup" in rows[0] and "split" not in rows[0]:  # zoo-cost.jsonl: read beside zoo.jsonl
-            continue
-        if rows and "setup" in rows[0]:  # the zoo: its own tables and forest plot
-            from . import zoo_report
-
-            zoo_report.use_costs(path.with_name("zoo-cost.jsonl"))
-            zoo_report.derive_sam_costs(rows)
-            text = put(text, "zoo-screen", zoo_report.screen_table(rows))
-            text = put(text, "zoo-candidates", zoo_report.candidates_table(rows))
-            text = put(text, "zoo", zoo_report.setup_table(rows))
-            text = put(text, "zoo-thorough", zoo_report.setup_table(rows, zoo_report.THOROUGH_MODES))
-            text = put(text, "zoo-msam", zoo_report.setup_table(rows, zoo_report.MSAM_MODES))
-            text = put(text, "zoo-summary", zoo_report.summary_table(rows))
-            png = zoo_report.forest_plot(rows, args.plots / "zoo-forest.png") if args.plots else "no plot"
-            plotted += [png] if args.plots else []
-            say(f"{stem}: {len(rows)} rows; tables zoo-screen, zoo-candidates, zoo, zoo-thorough, zoo-msam, zoo-summary; {png}")
-            continue
-        if rows and "ms_per_step_classical" in rows[0]:
-            body = (f"_Generated by `deepopt report` from `{path.as_posix()}` "
-                    f"({len(rows)} rows; the latest per net and settings)._\n\n" + overhead_table(rows))
-            text = put(text, stem, body)
-            say(f"{stem}: {len(rows)} rows")
-            continue
-        stale = [r for r in rows if not is_current(r)]
-        if stale:  # a recipe changed since these ran: their redone runs replace them
-            rows = [r for r in rows if is_current(r)]
-            say(f"{stem}: {len(stale)} rows of a recipe changed since left out")
-        if any("mechanism" in r for r in rows):
-            ablations[stem] = rows
-        for epochs in sorted({budget(r) for r in rows}):
-            # equal-time rows by their budget; a redone run by its latest row
-            sel = latest_runs([r for r in rows if budget(r) == epochs])
-            name = f"{stem}-{epochs}ep"
-            ablation = any("mechanism" in r for r in sel)
-            body = (f"_Generated by `deepopt report` from `{path.as_posix()}` "
-                    f"({len(sel)} runs, {epochs} epochs)._\n\n"
-                    + (table(sel) if ablation else seed6_table(sel)) + machines_note(sel))
-            pngs = plot(sel, args.plots, name) if args.plots else []
-            plotted += pngs
-            body += "\n\n" * bool(pngs) + " ".join(f"![{p.stem}]({p.as_posix()})" for p in pngs)
-            text = put(text, name, body)
-            say(f"{name}: {len(sel)} runs, {len(pngs)} plots")
-    by_budget = budget_table(ablations)
-    if by_budget:
-        body = ("_Generated by `deepopt report` from the ablation files above: paired final "
-                "test-accuracy difference vs classical (95% CI), pairs within one file._\n\n" + by_budget)
-        text = put(text, "ablation-budgets", body)
-        say("ablation-budgets: table")
-    if args.markdown is None:
-        print(text.strip())
-        return 0
-    args.markdown.write_text(text if text.startswith("#") else "# Benchmarks\n\n" + text.lstrip())
-    say(f"wrote {args.markdown}: " + (", ".join(written) or "nothing (no results)")
-        + (f"; {len(plotted)} plots in {args.plots}" if plotted else ""))
-    return 0

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepopt.bench import report
-from deepopt.bench import train as train_mod
-from deepopt.bench.runner import MECHANISMS, SEED6_MODES
-from deepopt.bench.train import (
+from benchmarks import report, tables
+from benchmarks import train as train_mod
+from benchmarks.runner import MECHANISMS, SEED6_MODES
+from benchmarks.train import (
     EMA_DECAY,
     MODES,
     append_row,
@@ -39,7 +39,7 @@ def tiny() -> tuple[torch.Tensor, ...]:
 
 
 def test_seed6_help_names_and_explains_every_mode(capsys) -> None:
-    from deepopt.bench.runner import _parser
+    from benchmarks.runner import _parser
 
     with pytest.raises(SystemExit):
         _parser().parse_args(["seed6", "--help"])
@@ -264,6 +264,17 @@ def _row(net: int, mode: str, seed: int, acc: float, sec: float, epochs: int = 2
     return r
 
 
+def _report_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, list[dict]]) -> str:
+    """The Markdown ``python -m benchmarks report`` writes for results files (stem -> rows), unplotted."""
+    for stem, rows in files.items():
+        (tmp_path / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "B.md"
+    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
+    paths = [str(tmp_path / f"{stem}.jsonl") for stem in files]
+    assert report.main([*paths, "--markdown", str(md), "--plots", str(tmp_path)]) == 0
+    return md.read_text()
+
+
 def test_report_pairs_equal_time_with_deepopt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,7 +288,7 @@ def test_report_pairs_equal_time_with_deepopt(
                 _row(net, "sam-equal-time", seed, 50.5 + shift + seed, 2.2, epochs=10),
             ]
     rows = [r | {"cpu": "avx512"} for r in rows]
-    text = report.seed6_table(rows)
+    text = tables.seed6_table(rows)
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()}
     eq5 = lines[("5", "sam-equal-time")].split("|")
     assert eq5[4].strip() == "10"  # epochs trained
@@ -291,31 +302,26 @@ def test_report_pairs_equal_time_with_deepopt(
     assert ("all nets", "classical") not in lines
     # time ratios pair a seed's runs only when both ran on the same kind of CPU
     mixed = [r | {"cpu": "avx2"} if r["mode"] == "sam" and (r["net"] == 6 or r["seed"] == 1) else r for r in rows]
-    mixed_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(mixed).splitlines()}
+    mixed_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in tables.seed6_table(mixed).splitlines()}
     assert mixed_lines[("6", "sam")].split("|")[10].strip() == "–"
     assert mixed_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # seed 0 only
     assert mixed_lines[("all nets", "sam")].split("|")[10].strip() == "1.82x"  # net 5 only
     # CPU time, where both runs recorded it, replaces the load-inflated wall time
     cpu = [r | {"cpu_sec_per_epoch": 3.0 if r["mode"] == "sam" and r["net"] == 5 else 1.0} for r in rows]
-    cpu_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(cpu).splitlines()}
+    cpu_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in tables.seed6_table(cpu).splitlines()}
     assert cpu_lines[("5", "sam")].split("|")[10].strip() == "3.00x"
     half = [r if r["mode"] == "deepopt" else r | {"cpu_sec_per_epoch": 9.0} for r in rows]
-    half_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(half).splitlines()}
+    half_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in tables.seed6_table(half).splitlines()}
     assert half_lines[("5", "sam")].split("|")[10].strip() == "1.82x"  # deepopt's not recorded: wall time
     unknown = [{k: v for k, v in r.items() if k != "cpu"} for r in rows]  # not recorded: no pair
-    assert report.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
+    assert tables.seed6_table(unknown).splitlines()[2].split("|")[10].strip() == "–"
     threads = [r | {"threads": 2 if r["mode"] == "sam" and r["net"] == 6 else 1} for r in rows]
-    threads_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in report.seed6_table(threads).splitlines()}
+    threads_lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in tables.seed6_table(threads).splitlines()}
     assert threads_lines[("6", "sam")].split("|")[10].strip() == "–"  # 1 thread vs 2: no pair
     assert threads_lines[("5", "sam")].split("|")[10].strip() == "1.82x"
 
     # main(): equal-time rows land in the block of their nominal budget
-    path = tmp_path / "seed6.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    out = md.read_text()
+    out = _report_markdown(tmp_path, monkeypatch, {"seed6": rows})
     assert "<!-- BEGIN seed6-20ep -->" in out and "seed6-10ep" not in out
     assert "paired diff vs deepopt" in out
 
@@ -326,13 +332,8 @@ def test_report_keeps_the_ablation_table(tmp_path: Path, monkeypatch: pytest.Mon
          "mechanism": {"name": m, "settings": MECHANISMS[m]}}
         for m in ("classical", "default") for s in (0, 1)
     ]
-    path = tmp_path / "ablation.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    out = md.read_text()
-    assert report.table(rows) in out and "paired diff vs deepopt" not in out
+    out = _report_markdown(tmp_path, monkeypatch, {"ablation": rows})
+    assert tables.table(rows) in out and "paired diff vs deepopt" not in out
 
 
 def test_budget_table_pairs_within_a_file_and_prefers_more_seeds(tmp_path: Path, monkeypatch) -> None:
@@ -349,23 +350,18 @@ def test_budget_table_pairs_within_a_file_and_prefers_more_seeds(tmp_path: Path,
         "a": rows("sam", 20, [1.0]) + rows("sam", 100, [5.0]) + rows("ema", 20, [1.0], evaluated_on="validation"),
         "b": rows("sam", 100, [2.0, 4.0]) + rows("ema", 100, [1.0]),
     }
-    table = report.budget_table(files)
+    table = tables.budget_table(files)
     assert "| 6 | sam | +1.00 (1 seed, a) | +3.00 ± 12.71 (2 seeds, b) |" in table
     assert "ema" not in table  # its 20-epoch rows are validation rows: one test budget only
-    assert report.budget_table({"a": rows("sam", 20, [1.0])}) == ""
-    for stem, r in files.items():
-        (tmp_path / f"{stem}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    paths = [str(tmp_path / f"{stem}.jsonl") for stem in files]
-    assert report.main([*paths, "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    assert "<!-- BEGIN ablation-budgets -->" in md.read_text() and table in md.read_text()
+    assert tables.budget_table({"a": rows("sam", 20, [1.0])}) == ""
+    out = _report_markdown(tmp_path, monkeypatch, files)
+    assert "<!-- BEGIN ablation-budgets -->" in out and table in out
 
 
 def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_path, monkeypatch) -> None:
-    import deepopt.bench.data as data_mod
-    import deepopt.bench.train as train_mod
-    from deepopt.bench import runner
+    import benchmarks.data as data_mod
+    import benchmarks.train as train_mod
+    from benchmarks import runner
 
     n = 6000
     fake = (torch.zeros(n, 1), torch.arange(n), torch.ones(10, 1), torch.full((10,), -1))
@@ -393,7 +389,7 @@ def test_runner_validation_split_trains_on_held_out_data_and_skips_finished(tmp_
 
 def test_mnist1d_suite_appends_rows_skips_finished_and_reports(tmp_path, monkeypatch) -> None:
     import deepopt.demo as demo
-    from deepopt.bench import mnist1d
+    from benchmarks import mnist1d
 
     calls = []
 
@@ -422,7 +418,7 @@ def test_mnist1d_suite_appends_rows_skips_finished_and_reports(tmp_path, monkeyp
 
 @pytest.mark.parametrize("bad, says", [('{"nosie": 1}', "nosie"), ("[1]", "not a JSON object"), ("{", "JSON")])
 def test_mnist1d_suite_refuses_bad_settings_before_training(bad, says, capsys) -> None:
-    from deepopt.bench import mnist1d
+    from benchmarks import mnist1d
 
     with pytest.raises(SystemExit):
         mnist1d.main(["--settings", bad, "--out", "unused.jsonl"])
@@ -431,8 +427,8 @@ def test_mnist1d_suite_refuses_bad_settings_before_training(bad, says, capsys) -
 
 def _fake_seed6(tmp_path, monkeypatch, on_run=None) -> list:
     """Route runner.main to a fake trainer; returns the list of (net, mode, seed) it ran."""
-    import deepopt.bench.data as data_mod
-    import deepopt.bench.train as train_mod
+    import benchmarks.data as data_mod
+    import benchmarks.train as train_mod
 
     monkeypatch.setenv("DEEPOPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data_mod, "load_cifar10", lambda path: None)
@@ -457,7 +453,7 @@ SEED6_ARGV = ["seed6", "--data", "x", "--nets", "6", "--modes", "classical", "--
 def test_runner_skips_a_run_another_process_holds_and_resumes_it_once_released(tmp_path, monkeypatch) -> None:
     import fcntl
 
-    from deepopt.bench import runner
+    from benchmarks import runner
 
     seen = _fake_seed6(tmp_path, monkeypatch)
     lock = tmp_path / "cache/partial/seed6-net6-classical-s0-e20.lock"
@@ -474,8 +470,8 @@ def test_runner_skips_a_run_another_process_holds_and_resumes_it_once_released(t
 
 
 def test_runner_skips_a_run_another_process_finished_since_it_started(tmp_path, monkeypatch) -> None:
-    from deepopt.bench import runner
-    from deepopt.bench.train import append_row
+    from benchmarks import runner
+    from benchmarks.train import append_row
 
     def other_worker_finishes_seed_1(net, mode, seed):
         row = {"net": net, "mode": mode, "seed": 1, "epochs": 20, "final_test_acc": 2.0}
@@ -491,8 +487,8 @@ def test_status_lists_done_running_paused_and_pending_runs_and_trains_nothing(
 ) -> None:
     import fcntl
 
-    from deepopt.bench import runner
-    from deepopt.bench.train import append_row
+    from benchmarks import runner
+    from benchmarks.train import append_row
 
     seen = _fake_seed6(tmp_path, monkeypatch)
     append_row(tmp_path / "benchmarks/results/seed6.jsonl",
@@ -519,8 +515,8 @@ def test_status_lists_done_running_paused_and_pending_runs_and_trains_nothing(
 def test_status_estimates_the_hours_left_from_finished_rows_of_the_same_thread_count(
     tmp_path, monkeypatch, capsys
 ) -> None:
-    from deepopt.bench import runner
-    from deepopt.bench.train import append_row
+    from benchmarks import runner
+    from benchmarks.train import append_row
 
     _fake_seed6(tmp_path, monkeypatch)
     results = tmp_path / "benchmarks/results/seed6.jsonl"
@@ -549,7 +545,7 @@ def test_status_estimates_the_hours_left_from_finished_rows_of_the_same_thread_c
 
 
 def test_plot_writes_one_png_per_net(tmp_path) -> None:
-    from deepopt.bench.report import plot
+    from benchmarks.plots import plot
 
     rows = [{"net": net, "mode": mode, "seed": seed, "test_acc": [10.0 + seed, 20.0, 30.0]}
             for net in (5, 6) for mode in ("classical", "deepopt", "swa") for seed in (0, 1)]
@@ -559,20 +555,15 @@ def test_plot_writes_one_png_per_net(tmp_path) -> None:
 
 
 def test_report_leaves_out_rows_of_a_recipe_changed_since(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepopt.bench.train import current_settings
+    from benchmarks.train import current_settings
 
     old = {**current_settings("deepopt"), "dropout_match": False}  # before it joined the default
     rows = [_row(2, "classical", 0, 10.0, 1.0), _row(2, "deepopt", 0, 10.0, 1.0) | {"resolved": old},
             _row(1, "classical", 0, 60.0, 1.0), _row(1, "deepopt", 0, 60.0, 1.0) | {"resolved": old}]
-    path = tmp_path / "seed6.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = tmp_path / "B.md"
-    monkeypatch.setattr(report, "plot", lambda rows, out, title: [])
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    cells = {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}
+    cells = {tuple(c.strip() for c in ln.split("|")[1:3])
+             for ln in _report_markdown(tmp_path, monkeypatch, {"seed6": rows}).splitlines()}
     # net 2 has dropout: its old default row is stale; net 1 has none: still current
     assert ("2", "classical") in cells and ("2", "deepopt") not in cells and ("1", "deepopt") in cells
     rows.append(_row(2, "deepopt", 0, 25.0, 1.0) | {"resolved": current_settings("deepopt")})  # redone
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert report.main([str(path), "--markdown", str(md), "--plots", str(tmp_path)]) == 0
-    assert ("2", "deepopt") in {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in md.read_text().splitlines()}
+    out = _report_markdown(tmp_path, monkeypatch, {"seed6": rows})
+    assert ("2", "deepopt") in {tuple(c.strip() for c in ln.split("|")[1:3]) for ln in out.splitlines()}

@@ -1,4 +1,8 @@
-"""``deepopt bench``: the seed6 benchmark and the mechanism ablation, resumable.
+"""``python -m benchmarks``: the lab's command; seed6 and the mechanism ablation, resumable.
+
+``overhead``, ``mnist1d``, ``zoo`` and ``report`` are handed the rest of the command
+line by :func:`main` (their options live in their own modules); ``seed6`` and
+``ablation`` are run here.
 
 Every finished run appends one JSON line to its results file; a restart skips the
 runs already there, so a benchmark accumulates across sessions. The same command started
@@ -8,9 +12,9 @@ a process skips the runs another one holds or has finished.
 
 Example (shell)::
 
-    deepopt bench ablation --data ../shared/data/cifar10-jpeg.tar --nets 6 5 \\
+    python -m benchmarks ablation --data ../shared/data/cifar10-jpeg.tar --nets 6 5 \\
         --mechanisms classical msam-0.03 --seeds 0 1 2
-    deepopt bench seed6 --data ../shared/data/cifar10-jpeg.tar --nets 1 5 6 --seeds 0 1 2
+    python -m benchmarks seed6 --data ../shared/data/cifar10-jpeg.tar --nets 1 5 6 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ MECHANISMS: dict[str, dict | None] = {
 }
 
 #: seed6 modes: deepopt's recipes and the peers a user would pick instead, plus SAM at the
-#: wall-clock of the 1x-cost deepopt run (what each does: ``deepopt.bench.train.MODES``).
+#: wall-clock of the 1x-cost deepopt run (what each does: ``benchmarks.train.MODES``).
 SEED6_MODES = tuple(MODES)
 
 _SHARING = (
@@ -93,17 +97,21 @@ _SHARING = (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="deepopt bench", description="deepopt's benchmarks, each resumable: "
+        prog="python -m benchmarks", description="deepopt's benchmarks, each resumable: "
         "overhead (cost per step), mnist1d (MNIST-1D pairs, minutes), zoo (the setups users run), "
         "ablation (one mechanism per run on the seed's CIFAR-10 nets) and seed6 (the seed's "
-        "six-network benchmark). 'deepopt bench NAME --help' lists a benchmark's options.")
+        "six-network benchmark); report writes BENCHMARKS.md's tables and plots from their rows. "
+        "'python -m benchmarks NAME --help' lists a command's options. Run from the repository's "
+        "root, after pip install -e '.[bench]'.")
     sub = p.add_subparsers(dest="suite", required=True)
     sub.add_parser("overhead", help="per-step CPU cost of recipes vs classical -> overhead.jsonl "
-                   "(options: deepopt bench overhead --help)")
+                   "(options: python -m benchmarks overhead --help)")
     sub.add_parser("mnist1d", help="MNIST-1D classical/activated pairs for MLP, CNN, GRU -> "
-                   "mnist1d.jsonl (options: deepopt bench mnist1d --help)")
+                   "mnist1d.jsonl (options: python -m benchmarks mnist1d --help)")
     sub.add_parser("zoo", help="the setups users run (schedules, optimizers, nets, losses), paired "
-                   "by seed -> zoo.jsonl (options: deepopt bench zoo --help)")
+                   "by seed -> zoo.jsonl (options: python -m benchmarks zoo --help)")
+    sub.add_parser("report", help="tables and plots from results files, printed or written into a "
+                   "Markdown file (options: python -m benchmarks report --help)")
     for name, help_, description in (
         ("ablation", "mechanism ablation -> ablation.jsonl",
          "Train seed6 nets under the protocol with one candidate mechanism each (--mechanisms), "
@@ -118,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(
             name, help=help_, description=textwrap.fill(description, 88),
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=textwrap.fill(_SHARING, 88) + f"\n\nexample:\n  deepopt bench {name} --data "
+            epilog=textwrap.fill(_SHARING, 88) + f"\n\nexample:\n  python -m benchmarks {name} --data "
             "../shared/data/cifar10-jpeg.tar --nets 6 --seeds 0 1 --threads 1",
         )
         s.add_argument(
@@ -165,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
                 default=["classical", "default"],
                 choices=sorted(MECHANISMS),
                 metavar="NAME",
-                help="candidates to run (names and settings: MECHANISMS in deepopt.bench.runner): "
+                help="candidates to run (names and settings: MECHANISMS in benchmarks.runner): "
                 + ", ".join(sorted(MECHANISMS)) + ". Default: %(default)s",
             )
         else:
@@ -232,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         from .zoo import main as zoo_main
 
         return zoo_main(argv[1:])
+    if argv[:1] == ["report"]:  # the tables and plots, its own options
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     args = _parser().parse_args(argv)
     import torch
 
@@ -362,7 +374,7 @@ def _epoch_seconds(rows: Collection[dict], net: int, mode: str, threads: int) ->
 
 
 def _run_one(args: argparse.Namespace, net: int, mode: str, seed: int, data: tuple, partial: Path) -> dict:
-    """One run of ``deepopt bench ablation`` or ``seed6``, as its result row."""
+    """One run of ``python -m benchmarks ablation`` or ``seed6``, as its result row."""
     from .train import run
 
     common = {"progress": not args.no_progress, "checkpoint": partial}

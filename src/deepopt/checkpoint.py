@@ -181,10 +181,13 @@ def model_loaded(opt: DeepOptimizer) -> None:
 
 def _activations(model: nn.Module) -> list[Any]:
     """The optimizers activated on ``model`` or on a module inside it (their hooks are there)."""
+    from .optimizer import DeepOptimizer  # not at the top: the optimizer imports this module
+
     owners: list[Any] = []
     for hooks in (d for m in model.modules() for d in _hook_dicts(m).values()):
         for hook in hooks.values():
-            if isinstance(hook, ModelHook) and hook.owner is not None and all(hook.owner is not o for o in owners):
+            if (isinstance(hook, ModelHook) and isinstance(hook.owner, DeepOptimizer)
+                    and all(hook.owner is not o for o in owners)):
                 owners.append(hook.owner)
     return owners
 

@@ -76,9 +76,14 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x.sum(1) > 0).long() + (x[:, 0] > 1).long()
 
 
-def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None) -> None:
+SAM = {"recipe": "thorough", "sam_lr_ceiling": 1.0, "sam_warmup": 0, "average": "ema", "ema_decay": 0.9,
+       "average_every": 1}  # two-pass SAM at every step, replayed (no closure)
+
+
+def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None, criterion=None) -> None:
     """The user's loop: rank ``rank`` takes its slice of each global batch, in ``accumulate``
     micro-batches (``no_sync`` on all but the last when ``ddp`` is given)."""
+    loss_of = criterion or nn.functional.cross_entropy
     x, y = data()
     per_rank = GLOBAL // world
     micro = per_rank // accumulate
@@ -88,7 +93,7 @@ def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None) -> N
             lo = step * GLOBAL + rank * per_rank + k * micro
             sync = ddp is None or k == accumulate - 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss = nn.functional.cross_entropy(model(x[lo:lo + micro]), y[lo:lo + micro])
+                loss = loss_of(model(x[lo:lo + micro]), y[lo:lo + micro])
                 (loss / accumulate).backward()
         opt.step()
         opt.zero_grad()
@@ -138,6 +143,11 @@ def scenario(name: str, rank: int, world: int) -> dict:
     factory = vanishing if name == "calibrate" else mlp
     model = factory()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if name == "sam":  # both passes all-reduced by DDP: the ascent is the global gradient's
+        ddp = DDP(model)
+        _, opt = deepopt.activate(ddp, opt, **SAM)
+        train(ddp, opt, rank, world, ddp=ddp, criterion=nn.CrossEntropyLoss())
+        return {**snapshot(ddp, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
     if name == "before":
         model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
         ddp = DDP(model)
@@ -190,7 +200,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate")}
+        results = {name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate", "sam")}
         results["sharded"] = sharded_errors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while another still communicates
@@ -219,13 +229,17 @@ def single_process(name: str) -> dict:
     """The same run in one process, no torch.distributed, full global batches."""
     model = (vanishing if name == "calibrate" else mlp)()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if name == "sam":
+        model, opt = deepopt.activate(model, opt, **SAM)
+        train(model, opt, rank=0, world=1, criterion=nn.CrossEntropyLoss())
+        return {**snapshot(model, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
     model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
     train(model, opt, rank=0, world=1, accumulate=2 if name == "accumulate" else 1)
     return snapshot(model, opt)
 
 
 # -- tests ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate"])
+@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate", "sam"])
 def test_ranks_hold_bitwise_equal_training_and_evaluation_weights(ranks, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     for key in ("params", "eval"):
@@ -234,11 +248,12 @@ def test_ranks_hold_bitwise_equal_training_and_evaluation_weights(ranks, name):
     assert r0["steps"] == r1["steps"] == STEPS
 
 
-@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate"])
+@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate", "sam"])
 def test_two_ranks_match_one_process_on_the_same_global_batch(ranks, name):
     ref = single_process(name)
     got = ranks[0][name]
     assert got["calibrated"] == ref["calibrated"] == (name == "calibrate")
+    assert got.get("two_pass", STEPS) == ref.get("two_pass", STEPS) == STEPS  # SAM ran at every step
     for key in ("params", "eval"):
         for a, b in zip(got[key], ref[key]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -13,8 +13,9 @@ user called ``backward()`` on, or says why it cannot:
   argument; times or divided by constants (``loss / accumulation_steps``,
   ``scaler.scale(loss)``);
 * nothing touched the gradients after the last backward but ``clip_grad_norm_``,
-  ``clip_grad_value_`` (called through ``torch.nn.utils``) and ``GradScaler.unscale_``,
-  which the replay repeats; the gradients' version counters prove it.
+  ``clip_grad_value_`` (called through ``torch.nn.utils``), accelerate's
+  ``Accelerator.clip_grad_norm_`` (the HF Trainer's) and ``GradScaler.unscale_``, which the
+  replay repeats; the gradients' version counters prove it.
 
 A loss with a penalty term, a functional loss, several outputs combined, ``backward`` with
 ``inputs=`` or ``create_graph=True``, or gradients changed some other way, fail the check:
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -65,15 +68,20 @@ __all__ = ["LoopRecorder", "watch", "unwatch"]
 _recorders: weakref.WeakSet = weakref.WeakSet()
 _originals: dict[tuple[Any, str], Any] = {}
 _replaying = False  # inside a replay: its own calls are not the user's
+_inside = False  # inside a watched call (accelerate's clipping calls torch's)
 
 
 # -- the wrappers around torch's functions -------------------------------------------------
 def _targets() -> list[tuple[Any, str]]:
     from torch.nn.utils import clip_grad
 
-    return [(torch.autograd, "backward"), (torch.nn.utils, "clip_grad_norm_"), (clip_grad, "clip_grad_norm_"),
-            (torch.nn.utils, "clip_grad_value_"), (clip_grad, "clip_grad_value_"),
-            (torch.amp.GradScaler, "unscale_")]
+    targets = [(torch.autograd, "backward"), (torch.nn.utils, "clip_grad_norm_"), (clip_grad, "clip_grad_norm_"),
+               (torch.nn.utils, "clip_grad_value_"), (clip_grad, "clip_grad_value_"),
+               (torch.amp.GradScaler, "unscale_")]
+    accelerate = sys.modules.get("accelerate")  # the HF Trainer clips through it
+    if accelerate is not None:
+        targets.append((accelerate.Accelerator, "clip_grad_norm_"))
+    return targets
 
 
 def watch() -> None:
@@ -97,12 +105,17 @@ def unwatch() -> None:
 def _wrap(original: Callable, name: str) -> Callable:
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _replaying or not _recorders:
+        global _inside
+        if _replaying or _inside or not _recorders:  # a watched call inside one is part of it
             return original(*args, **kwargs)
-        if name.startswith("clip") and args and not isinstance(args[0], Tensor):
-            args = (list(args[0]), *args[1:])  # a generator is used up once: keep it for the replay
+        # A generator is used up once: keep its items for the replay.
+        args = tuple(list(a) if isinstance(a, types.GeneratorType) else a for a in args)
         listening = [(r, r.before_call(name, args, kwargs)) for r in list(_recorders)]
-        result = original(*args, **kwargs)
+        _inside = True
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            _inside = False
         for r, untouched in listening:
             r.after_call(name, original, args, kwargs, untouched)
         return result

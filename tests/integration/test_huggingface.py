@@ -182,3 +182,42 @@ def test_gradient_accumulation_and_bf16_step_once_per_optimizer_step(tmp_path):
 def test_example_script_runs(tmp_path):
     example = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
     runpy.run_path(str(example))["main"](str(tmp_path), steps=4)
+
+
+SAM_EVERY_STEP = {"recipe": "thorough", "sam_lr_ceiling": 1.0, "sam_warmup": 0}
+
+
+def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closure_would(tmp_path):
+    """The Trainer passes no closure: deepopt replays the model's own loss (``out.loss``), with
+    the Trainer's clipping, bit for bit as a hand-written ``step(closure)`` loop on the same batches."""
+    callback = DeepOpt(**SAM_EVERY_STEP)
+    trainer = make_trainer(tmp_path, callbacks=[callback], max_grad_norm=1.0)
+    batches: list[dict] = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(dict(kwargs)) if m.training and torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    trainer.train()
+    assert callback.optimizer.mechanism("sam").two_pass_steps == STEPS
+    trained = weights(trainer.model)["train"]
+
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    model, opt = deepopt.activate(model, opt, **SAM_EVERY_STEP)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, 0, STEPS)
+    model.train()
+    for batch in batches[::2]:  # each step's first pass (the second is the replay's)
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            trainer.accelerator.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer's clipping
+            return loss
+        opt.step(closure)
+        schedule.step()
+    # The Trainer's AdamW parameter groups and accelerate's clipping round differently from
+    # this loop's: equal to float tolerance (SAM's own steps are bitwise-tested in test_sam_replay).
+    for a, b in zip(trained, training_state_dict(model).values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    plain = make_trainer(tmp_path / "plain", callbacks=[DeepOpt()], max_grad_norm=1.0)
+    plain.train()
+    assert any(not torch.equal(a, b) for a, b in zip(trained, weights(plain.model)["train"]))  # SAM acted

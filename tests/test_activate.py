@@ -226,7 +226,8 @@ def test_lbfgs_gets_its_closure_and_the_mechanisms_it_cannot_take_are_off(capsys
     assert opt.mechanism("average").tensors is not None  # averaging, which can act, does
 
 
-def test_thorough_without_a_closure_says_so_once_in_one_line_and_trains_as_plain(capsys):
+def test_thorough_on_a_loss_it_cannot_prove_says_so_once_in_one_line_and_trains_as_plain(capsys):
+    """A functional loss (F.cross_entropy) cannot be replayed: no SAM step, one line."""
     runs = []
     for recipe in (None, "thorough"):
         model = seeded()
@@ -237,6 +238,6 @@ def test_thorough_without_a_closure_says_so_once_in_one_line_and_trains_as_plain
         train(model, opt, x, y, steps=4)
         runs.append(params_of(model.train()))
     said = capsys.readouterr().err.splitlines()
-    assert len(said) == 1 and said[0].startswith("deepopt: two-pass SAM (sam_rho=0.05) acts only through")
+    assert len(said) == 1 and said[0].startswith("deepopt: two-pass SAM (sam_rho=0.05) cannot run on this loop")
     for a, b in zip(*runs):
         assert torch.equal(a, b)  # no SAM step ran: the plain SGD trajectory

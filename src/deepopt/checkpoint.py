@@ -128,7 +128,7 @@ def install(opt: DeepOptimizer) -> list[Any]:
     """Register the checkpoint hooks on ``opt.model`` and the modules it wraps; their handles.
 
     ``torch.save(module)`` and ``copy.deepcopy`` go through an instance ``__getstate__``
-    that leaves every deepopt hook out (:func:`deepopt.hooks.plain_model_state`), so the
+    that leaves every deepopt hook out (``deepopt.hooks.plain_model_state``), so the
     file loads where deepopt is not installed.
     """
     handles = []

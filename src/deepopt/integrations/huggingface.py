@@ -71,8 +71,9 @@ class DeepOpt(TrainerCallback):
         optimizer: the :class:`~deepopt.DeepOptimizer` of the current ``train()`` (``None`` before).
 
     Note:
-        The Trainer never passes a closure to ``step``, so ``recipe="thorough"`` runs the
-        one-pass mechanisms only. DeepSpeed/FSDP setups are not supported.
+        The Trainer never passes a closure to ``step``; with ``recipe="thorough"`` two-pass
+        SAM runs without one when the model returns its loss (the usual case: a model given
+        labels), else deepopt says why in one line. DeepSpeed/FSDP setups are not supported.
     """
 
     def __init__(self, recipe: str = "default", enabled: bool = True, **overrides: Any) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import deepopt
+from deepopt.checkpoint import training_state_dict
 
 SAM_EVERY_STEP = {"recipe": "thorough", "sam_lr_ceiling": 1.0, "sam_warmup": 0}
 STEPS = 5
@@ -90,8 +91,8 @@ def train(style, closure_free, accumulate=1, clip=None, settings=SAM_EVERY_STEP,
                 opt.zero_grad()
                 return passes(xs, ys)
             opt.step(closure)
-    model.train()
-    return {k: v.clone() for k, v in model.state_dict().items()}, opt.mechanism("sam")
+    # The training weights and buffers (model.state_dict() holds the evaluation weights).
+    return training_state_dict(model), opt.mechanism("sam")
 
 
 def assert_equal_states(a: dict, b: dict) -> None:

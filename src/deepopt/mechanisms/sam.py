@@ -140,10 +140,9 @@ class TwoPassSAM(Mechanism):
             recorder.clear()
             return True
         try:
-            ok = self._sharpen(opt, closure)
+            return self._sharpen(opt, closure, lambda: not recorder.found_inf)
         finally:
             recorder.clear()
-        return ok and not recorder.found_inf
 
     def _tell(self, opt: Any, can: bool, what: str) -> None:
         from ..hooks import say
@@ -160,22 +159,24 @@ class TwoPassSAM(Mechanism):
                 "the loss as a closure: `def closure(): optimizer.zero_grad(); loss = ...; loss.backward(); "
                 "return loss` then `optimizer.step(closure)`.")
 
-    def _sharpen(self, opt: Any, closure: Any) -> bool:
+    def _sharpen(self, opt: Any, closure: Any, finite: Any = lambda: True) -> bool:
         """Replace the gradient at ``w`` in ``.grad`` by the one at ``w + e`` (``closure``
-        recomputes the loss); ``False`` if the result must not be applied."""
+        recomputes the loss); ``False`` if the result must not be applied (``finite()`` says
+        whether the closure's own check found it finite)."""
         with_grad = [p for p in opt.params() if p.grad is not None]
-        look, ortho = self.look, None
+        look, ortho, two_pass = self.look, None, False
         try:
             with opt.hold():
                 if look is not None and not look.exact_now() and (look.alpha == 0 or len(look.ortho) == len(with_grad)):
                     if look.alpha > 0:  # one pass only; alpha 0 keeps the plain gradient
                         reuse_([p.grad for p in with_grad], look.ortho, look.alpha)
                 else:
-                    ortho = self._second_pass(opt, closure, with_grad)
+                    ortho, two_pass = self._second_pass(opt, closure, with_grad), True
         finally:
             opt.show("train")
-        if not opt.accept(None):
+        if not (finite() and opt.accept(None)):
             return False
+        self.two_pass_steps += two_pass  # counts applied steps only: a skipped one leaves no trace
         if look is not None:
             look.ortho = look.ortho if ortho is None else ortho  # kept only from a finite step
             look.advance()
@@ -196,7 +197,6 @@ class TwoPassSAM(Mechanism):
             opt.optimizer.zero_grad()
             with torch.enable_grad():
                 closure()
-            self.two_pass_steps += 1
         finally:
             # The second pass must not move BatchNorm running statistics, even if it raised.
             with torch.no_grad():

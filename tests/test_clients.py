@@ -9,7 +9,9 @@ in one ``deepopt:`` line. docs/integrations/works-with.md records the same.
 
 from __future__ import annotations
 
+import gc
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepopt import cli
+from deepopt import cli, replay
 
 CLIENTS = Path(__file__).parent / "clients"
 GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
@@ -72,8 +74,8 @@ def run_client(script: str, mode: str, out: Path, capfd, *flags: str) -> list[st
     os.environ.update(env)
     try:
         capfd.readouterr()
-        if mode == "activate":
-            status = subprocess.call([sys.executable, str(CLIENTS / script), str(out)], timeout=120)
+        if mode == "activate":  # in this process: an interpreter start and torch's import less
+            status = run_in_process(script, out)
         else:  # deepopt run itself, in this process: one interpreter start less per run
             off = ["--off"] if mode == "off" else []
             status = cli.main(["run", *off, *flags, "--", "python", str(CLIENTS / script), str(out)])
@@ -86,6 +88,20 @@ def run_client(script: str, mode: str, out: Path, capfd, *flags: str) -> list[st
                 os.environ[k] = v
     assert status == 0, stderr[-3000:]
     return deepopt_lines(stderr)
+
+
+def run_in_process(script: str, out: Path) -> int:
+    """``python SCRIPT OUT`` with explicit activation, run here as ``deepopt run`` runs it."""
+    argv, path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [str(CLIENTS / script), str(out)], [str(CLIENTS)]
+    try:
+        runpy.run_path(str(CLIENTS / script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        gc.collect()
+        for recorder in list(replay._recorders):  # a script's SAM recorders die with it
+            recorder.close()
+    return 0
 
 
 def assert_said(lines: list[str], expected: list[str]) -> None:
@@ -160,34 +176,37 @@ def sam_note(script: str) -> str:
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd, tmp_path_factory):
-    """Under ``deepopt run --recipe thorough`` the one SAM line matches the script's own
-    ``SAM:`` note; where SAM runs, it changes training, exactly as an explicit activate does."""
+    """With ``recipe="thorough"`` the one SAM line matches the script's own ``SAM:`` note; where
+    SAM runs, ``deepopt run --recipe thorough`` says the same and trains exactly as the explicit
+    activation, and SAM changed training."""
     note = sam_note(script)
-    run, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
-    said = [line for line in lines if "SAM" in line]
+    os.environ["DEEPOPT_RECIPE"] = "thorough"
+    try:
+        explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory, "thorough")
+    finally:
+        del os.environ["DEEPOPT_RECIPE"]
+    said = [line for line in explicit_lines if "SAM" in line]
     if note.startswith("SAM: runs"):
-        assert len(said) == 1 and said[0].startswith(SAM_RUNS), lines
+        assert len(said) == 1 and said[0].startswith(SAM_RUNS), explicit_lines
         if "stops before" in note:
             return
+        run, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
+        assert [line for line in lines if "SAM" in line] == said
+        assert_bitwise_equal(training_weights(explicit), training_weights(run))
         off, _ = client(script, "off", capfd, tmp_path_factory)
         assert any(  # SAM changed training
             not torch.equal(a, b) for a, b in zip(training_weights(run)["model"].values(),
                                                   training_weights(off)["model"].values()))
-        os.environ["DEEPOPT_RECIPE"] = "thorough"
-        try:
-            explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory, "thorough")
-        finally:
-            del os.environ["DEEPOPT_RECIPE"]
-        assert [line for line in explicit_lines if "SAM" in line] == said
-        assert_bitwise_equal(training_weights(explicit), training_weights(run))
     elif note.startswith("SAM: cannot run"):
-        assert said and all(line.startswith(SAM_CANNOT) for line in said), lines  # one per optimizer
+        assert said and all(line.startswith(SAM_CANNOT) for line in said), explicit_lines  # one per optimizer
     elif note.startswith("SAM: under deepopt run, not on step(closure)"):
-        assert said == [NO_SAM + " (the closure runs inside torch's step, after deepopt's hook); add "
-                        "`model, optimizer = deepopt.activate(model, optimizer)` to the script for it."]
+        assert said == []  # the explicit activation runs SAM through the closure
+        _, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
+        assert [line for line in lines if "SAM" in line] == [
+            NO_SAM + " (the closure runs inside torch's step, after deepopt's hook); add "
+            "`model, optimizer = deepopt.activate(model, optimizer)` to the script for it."]
     else:  # no optimizer, or LBFGS: nothing about SAM beyond what the activation says
-        assert all("two-pass SAM" not in line for line in said if "off for" not in line), lines
-
+        assert all("two-pass SAM" not in line for line in said if "off for" not in line), explicit_lines
 
 def test_best_checkpoint_model_is_the_model_whose_val_loss_was_logged(capfd, tmp_path_factory):
     """nanoGPT's idiom: evaluate, back to train(), save {"model", "optimizer"} on improvement; a

@@ -67,12 +67,16 @@ from torch import Tensor, nn
 
 from .distributed import reshard
 from .hooks import ModelHook, _hook_dicts, has_model_hooks, plain_model_state, say
+from .sharded_state import pack, unpack
 
 if TYPE_CHECKING:
     from .optimizer import DeepOptimizer
 
-__all__ = ["Resume", "saved_modules", "install", "uninstall", "show_saved", "model_loaded",
-           "training_state_dict"]
+__all__ = ["STATE_VERSION", "Resume", "saved_modules", "install", "uninstall", "show_saved", "model_loaded",
+           "training_state_dict", "optimizer_state", "deepopt_state", "load_optimizer_state",
+           "load_deepopt_state", "check_state_version"]
+
+STATE_VERSION = 2  # 2: each mechanism's state under "mechanisms", by name
 
 
 class Resume:
@@ -217,3 +221,64 @@ def training_state_dict(model: nn.Module) -> dict[str, Tensor]:
         targets = o.eval_targets()
         trained.update(zip(map(id, targets), o.views.train_values(targets)))
     return {k: trained[id(v)] if id(v) in trained else v.detach().clone() for k, v in live.items()}
+
+
+# -- the optimizer's state (DeepOptimizer.state_dict and friends) ------------------------------
+def optimizer_state(opt: DeepOptimizer) -> dict:
+    """The base optimizer's state dict plus a ``"deepopt"`` entry (FSDP2: in the sharded layout)."""
+    state = opt.optimizer.state_dict()
+    state["deepopt"] = deepopt_state(opt)
+    return pack(state, opt) if opt._fsdp else state
+
+
+def deepopt_state(opt: DeepOptimizer) -> dict:
+    """deepopt's part of the optimizer's state: counters, each mechanism's state by name."""
+    return {
+        "version": STATE_VERSION,
+        "steps": opt.steps,
+        "max_lr": opt.max_lr,
+        "mechanisms": {m.name: m.state_dict() for m in opt.mechanisms},
+        # model.state_dict() holds the evaluation weights; resuming needs these.
+        "train_values": opt.views.train_values(opt.eval_targets()) if opt.has_eval_view else None,
+    }
+
+
+def load_optimizer_state(opt: DeepOptimizer, state_dict: dict) -> None:
+    """Load what :func:`optimizer_state` returned (or a plain optimizer state dict)."""
+    state_dict, deep = unpack(state_dict)
+    # Checked before anything is loaded: a refused checkpoint leaves the optimizer as it was.
+    check_state_version(deep)
+    opt.optimizer.load_state_dict(state_dict)
+    if deep is not None:
+        load_deepopt_state(opt, deep)
+
+
+def load_deepopt_state(opt: DeepOptimizer, deep: dict) -> None:
+    """Load what :func:`deepopt_state` returned (or a version-1 entry)."""
+    from .mechanisms import upgrade_state  # the registry knows the old layout
+
+    deep = upgrade_state(deep)
+    opt.show("train")
+    opt.steps, opt.max_lr = int(deep["steps"]), float(deep["max_lr"])
+    saved = deep["mechanisms"]
+    for m in opt.mechanisms:
+        if saved.get(m.name) is not None:
+            m.load_state_dict(saved[m.name])
+    values = deep["train_values"]
+    if values is not None and opt.has_eval_view:
+        with torch.no_grad():
+            torch._foreach_copy_(opt.eval_targets(), values)
+        opt.resume.train_values = [v.clone() for v in values]
+        reshard(opt._fsdp)
+    opt.resume.optimizer_loaded = True
+
+
+def check_state_version(deep: Any) -> None:
+    """Refuse a ``"deepopt"`` state entry written in a format this deepopt cannot read."""
+    version = deep.get("version") if isinstance(deep, dict) else None
+    if deep is not None and version not in (1, STATE_VERSION):
+        raise ValueError(
+            f"optimizer state has deepopt format version {version!r}; this deepopt reads "
+            f"versions 1 to {STATE_VERSION}. Load it with the deepopt release that saved it, or "
+            "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
+        )

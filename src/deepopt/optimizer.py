@@ -1,21 +1,11 @@
 """The optimizer wrapper: where a list of mechanisms meets the user's optimizer.
 
 ``DeepOptimizer`` shares ``param_groups``, ``state`` and ``defaults`` with the user's
-optimizer (it owns no copies), so any LR scheduler built on either object drives the
-learning rate the update uses, and step hooks registered on either fire once per step.
-It composes mechanisms (:mod:`deepopt.mechanisms`) through their events and names none.
-
-Every place a user can observe the model (``step``, an ``eval`` forward, ``state_dict``,
-an exception in ``forward``) first puts the right view in place (:mod:`deepopt.views`).
-Between a training forward and ``step`` the parameters hold ``w + e`` by design (backward
-needs them), so an exception raised in the loss or in backward, or a ``KeyboardInterrupt``
-in ``forward`` (torch runs ``always_call`` hooks only for ``Exception``), leaves ``w + e``
-in the parameter tensors until the next of those places; ``state_dict()`` is always clean
-(and holds the evaluation weights in either mode: :mod:`deepopt.checkpoint`).
-
-Drivers (``deepopt run``, the integrations) use the public lifecycle: :meth:`show`,
-:meth:`before_update`, :meth:`after_update`, :meth:`forward_started`,
-:meth:`deepopt_state`, :meth:`load_deepopt_state`, :meth:`mechanism`.
+optimizer (it owns no copies), so LR schedulers and step hooks on either object act on
+the update. It composes mechanisms (:mod:`deepopt.mechanisms`) through their events and
+names none; every place a user can observe the model first shows the right view
+(:mod:`deepopt.views`; the exact rules: docs/weight-views.md, docs/guarantees.md).
+Drivers (``deepopt run``, the integrations) use the public lifecycle methods.
 """
 
 from __future__ import annotations
@@ -29,18 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .distributed import fsdp_modules, local_tensors, reshard
-from .hooks import ModelHook, needs_closure, say
+from .checkpoint import STATE_VERSION, check_state_version
+from .distributed import fsdp_modules, reshard
+from .hooks import ModelHook, needs_closure
 from .mechanisms.base import EVENTS, Mechanism
-from .sharded_state import pack, unpack
+from .messages import tell_if_idle, without_one_pass
+from .param_cache import ParamCache
+from .proxy import OptimizerProxy
 from .views import VIEWS, Views
 
 __all__ = ["DeepOptimizer", "STATE_VERSION", "check_state_version"]
 
-STATE_VERSION = 2  # 2: each mechanism's state under "mechanisms", by name
 
-
-class DeepOptimizer(torch.optim.Optimizer):
+class DeepOptimizer(OptimizerProxy):
     """A ``torch.optim.Optimizer`` that runs the user's optimizer with deepopt's mechanisms.
 
     Built by :func:`deepopt.activate`; not meant to be constructed directly.
@@ -68,8 +59,7 @@ class DeepOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mechanisms: Sequence[Mechanism],
                  settings: Any = None) -> None:
-        # No super().__init__(): the state lives in the base optimizer (accelerate's
-        # pattern); __getattr__ forwards everything else, hook dicts included.
+        # No super().__init__(): the state lives in the base optimizer (deepopt.proxy).
         self.optimizer, self.model, self.settings = optimizer, model, settings
         self.steps, self.max_lr = 0, 0.0
         self._fsdp = fsdp_modules(model)  # FSDP2 (fully_shard): mechanisms act on local shards
@@ -78,15 +68,13 @@ class DeepOptimizer(torch.optim.Optimizer):
         self._held = False  # model hooks paused (a mechanism's own forwards)
         self._first_pass = False  # a held step's first training forward is still to come
         self._forward_ok = False
-        self._params_stale = False
-        self._param_cache: tuple[tuple, list[Tensor]] = ((), [])
-        self._buffer_cache: list[Tensor] = []
+        self._cache = ParamCache(optimizer, model, sharded=bool(self._fsdp))
         self.resume = checkpoint.Resume()  # model + optimizer loads, in either order
         self._told_idle = False  # said once that nothing acted
         # An optimizer whose step(closure) evaluates the closure itself (LBFGS), possibly
         # several times, updates inside that call: nothing can act once per forward/backward.
         self.closure_driven = needs_closure(optimizer)
-        mechanisms = self._without_one_pass(mechanisms) if self.closure_driven else list(mechanisms)
+        mechanisms = without_one_pass(mechanisms, optimizer) if self.closure_driven else list(mechanisms)
         self.mechanisms = tuple(m for m in mechanisms if m.attach(self))
         self._by_event = {e: [m for m in self.mechanisms if getattr(type(m), e) is not getattr(Mechanism, e)]
                           for e in EVENTS}
@@ -103,15 +91,6 @@ class DeepOptimizer(torch.optim.Optimizer):
                 model.register_forward_hook(ModelHook(self, "_on_forward_exit"), always_call=True),
             ]
 
-    def _without_one_pass(self, mechanisms: Sequence[Mechanism]) -> list[Mechanism]:
-        off = [m for m in mechanisms if m.needs_one_pass]
-        if off:
-            names = ", ".join(m.label for m in off)
-            say(f"{names} {'is' if len(off) == 1 else 'are'} off for {type(self.optimizer).__name__}: its "
-                "step(closure) evaluates the closure itself (possibly several times), so deepopt cannot "
-                "check or perturb one forward/backward per update; the other mechanisms act.")
-        return [m for m in mechanisms if not m.needs_one_pass]
-
     # -- facts asked of the list ---------------------------------------------------------------
     @property
     def has_eval_view(self) -> bool:
@@ -127,31 +106,9 @@ class DeepOptimizer(torch.optim.Optimizer):
         """The learning rate of the first parameter group (what a scheduler sets)."""
         return float(self.param_groups[0]["lr"])
 
-    # -- what torch.optim.Optimizer users and schedulers touch ---------------------------------
-    param_groups = property(lambda self: self.optimizer.param_groups,  # type: ignore[assignment]
-                            lambda self, v: setattr(self.optimizer, "param_groups", v))
-    state = property(lambda self: self.optimizer.state,  # type: ignore[assignment]
-                     lambda self, v: setattr(self.optimizer, "state", v))
-    defaults = property(lambda self: self.optimizer.defaults,  # type: ignore[assignment]
-                        lambda self, v: setattr(self.optimizer, "defaults", v))
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes this object lacks: forward to the base optimizer.
-        if name.startswith("__") or name == "optimizer" or "optimizer" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["optimizer"], name)
-
-    def __getstate__(self) -> dict:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
+    # -- what torch.optim.Optimizer users and schedulers touch (the rest: deepopt.proxy) ---------
     def __repr__(self) -> str:
         return f"DeepOptimizer({', '.join(map(repr, self.mechanisms))}; base={self.optimizer!r})"
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The perturbed view stays: zero_grad() between forward and backward is a common
@@ -164,7 +121,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """One optimizer step; a mechanism may claim ``step(closure)`` and run it itself (``claims_step``)."""
-        self._params_stale = True  # requires_grad may have changed since the last step
+        self._cache.stale = True  # requires_grad may have changed since the last step
         if self.closure_driven:
             self.show("train")
             try:  # without a closure, the base step raises its own TypeError
@@ -211,7 +168,7 @@ class DeepOptimizer(torch.optim.Optimizer):
     def before_update(self, loss: Any = None) -> bool:
         """For drivers calling the base step themselves: training weights shown, then
         :meth:`accept` and :meth:`replace_grads`."""
-        self._params_stale = True
+        self._cache.stale = True
         self.show("train")
         return self.accept(loss) and self.replace_grads()
 
@@ -239,25 +196,15 @@ class DeepOptimizer(torch.optim.Optimizer):
     # -- parameters, buffers, views ------------------------------------------------------------
     def params(self) -> list[Tensor]:
         """The trainable parameters (``requires_grad``) of the optimizer's groups."""
-        # Rebuilt only when the groups change (add_param_group, load_state_dict) or after a
-        # step or forward (requires_grad may have changed): this runs several times per step.
-        groups = self.param_groups
-        key = (id(groups), *(id(g["params"]) for g in groups), *(len(g["params"]) for g in groups))
-        if key != self._param_cache[0]:
-            self._buffer_cache = list(self.model.buffers())
-        if key != self._param_cache[0] or self._params_stale:
-            self._param_cache = (key, [p for g in groups for p in g["params"] if p.requires_grad])
-            self._params_stale = False
-        return self._param_cache[1]
+        return self._cache.params()
 
     def buffers(self) -> list[Tensor]:
         """The model's buffers (listed when the parameters are: walking modules is slow)."""
-        self.params()
-        return self._buffer_cache
+        return self._cache.buffers()
 
     def eval_targets(self) -> list[Tensor]:
         """What an evaluation view may change: the parameters (local shards under FSDP2), then the buffers."""
-        return (local_tensors(self.params()) if self._fsdp else self.params()) + self.buffers()
+        return self._cache.eval_targets()
 
     def show(self, view: str) -> None:
         """Show ``"train"``, ``"perturbed"`` or ``"eval"`` weights in the model."""
@@ -278,16 +225,7 @@ class DeepOptimizer(torch.optim.Optimizer):
                 for m in self._by_event["show_eval"]:
                     m.show_eval(self, targets)
                 if not self._told_idle and self.steps:
-                    self._tell_if_idle()
-
-    def _tell_if_idle(self) -> None:
-        """Say once, at an evaluation, if no mechanism has changed this run (:meth:`Mechanism.idle`)."""
-        reasons = [m.idle(self) for m in self.mechanisms]
-        if all(r is not None for r in reasons):
-            self._told_idle = True
-            why = "; ".join(r for r in reasons if r) or "no mechanism acts on this model and optimizer"
-            steps = f"{self.steps} step{'s' if self.steps != 1 else ''}"
-            say(f"after {steps} this run trains and evaluates as it would without deepopt: {why}.")
+                    self._told_idle = tell_if_idle(self)
 
     # -- model hooks ---------------------------------------------------------------------------
     def forward_started(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -306,7 +244,7 @@ class DeepOptimizer(torch.optim.Optimizer):
         if grad:
             for m in self._train_forward:
                 m.on_train_forward(self, module, args, kwargs)
-        self._params_stale = True  # requires_grad may have changed since the last forward
+        self._cache.stale = True  # requires_grad may have changed since the last forward
         self.show("perturbed" if grad and self.perturbs else "train")
         self._forward_ok = False
 
@@ -326,51 +264,22 @@ class DeepOptimizer(torch.optim.Optimizer):
     def _on_model_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
         checkpoint.model_loaded(self)
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (deepopt.checkpoint) ------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]
         """The base optimizer's state dict plus a ``"deepopt"`` entry with deepopt's state."""
-        state = self.optimizer.state_dict()
-        state["deepopt"] = self.deepopt_state()
-        return pack(state, self) if self._fsdp else state
+        return checkpoint.optimizer_state(self)
 
     def deepopt_state(self) -> dict:
         """deepopt's part of :meth:`state_dict`: counters, each mechanism's state by name."""
-        return {
-            "version": STATE_VERSION,
-            "steps": self.steps,
-            "max_lr": self.max_lr,
-            "mechanisms": {m.name: m.state_dict() for m in self.mechanisms},
-            # model.state_dict() holds the evaluation weights; resuming needs these.
-            "train_values": self.views.train_values(self.eval_targets()) if self.has_eval_view else None,
-        }
+        return checkpoint.deepopt_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Load a state saved by :meth:`state_dict` (or a plain optimizer state dict)."""
-        state_dict, deep = unpack(state_dict)
-        # Checked before anything is loaded: a refused checkpoint leaves this optimizer as it was.
-        check_state_version(deep)
-        self.optimizer.load_state_dict(state_dict)
-        if deep is not None:
-            self.load_deepopt_state(deep)
+        checkpoint.load_optimizer_state(self, state_dict)
 
     def load_deepopt_state(self, deep: dict) -> None:
         """Load what :meth:`deepopt_state` returned (or a version-1 entry)."""
-        from .mechanisms import upgrade_state  # the registry knows the old layout
-
-        deep = upgrade_state(deep)
-        self.show("train")
-        self.steps, self.max_lr = int(deep["steps"]), float(deep["max_lr"])
-        saved = deep["mechanisms"]
-        for m in self.mechanisms:
-            if saved.get(m.name) is not None:
-                m.load_state_dict(saved[m.name])
-        values = deep["train_values"]
-        if values is not None and self.has_eval_view:
-            with torch.no_grad():
-                torch._foreach_copy_(self.eval_targets(), values)
-            self.resume.train_values = [v.clone() for v in values]
-            reshard(self._fsdp)
-        self.resume.optimizer_loaded = True
+        checkpoint.load_deepopt_state(self, deep)
 
     # -- undo ----------------------------------------------------------------------------------
     def detach(self) -> torch.optim.Optimizer:
@@ -386,13 +295,3 @@ class DeepOptimizer(torch.optim.Optimizer):
             del self.optimizer._deepopt_wrapper
         return self.optimizer
 
-
-def check_state_version(deep: Any) -> None:
-    """Refuse a ``"deepopt"`` state entry written in a format this deepopt cannot read."""
-    version = deep.get("version") if isinstance(deep, dict) else None
-    if deep is not None and version not in (1, STATE_VERSION):
-        raise ValueError(
-            f"optimizer state has deepopt format version {version!r}; this deepopt reads "
-            f"versions 1 to {STATE_VERSION}. Load it with the deepopt release that saved it, or "
-            "load only the base optimizer state (drop the 'deepopt' key) to restart deepopt's state."
-        )

@@ -32,6 +32,8 @@ SCENARIOS = {
     "default": dict(recipe="default", rho=0.1, **AVERAGE),  # + the momentum perturbation
     "calibrate": dict(recipe="default", **AVERAGE),
     "thorough": dict(recipe="thorough", sam_warmup=0, sam_lr_ceiling=1.0, **AVERAGE),
+    # The same SAM without a closure: deepopt replays criterion(model(x), y) on the shards.
+    "sam_replay": dict(recipe="thorough", sam_warmup=0, sam_lr_ceiling=1.0, **AVERAGE),
     "nan": dict(recipe="default", rho=0.1, **AVERAGE),
     # A NaN loss on one rank with finite gradients: only the all-reduced flag skips it there too.
     "nan_loss": dict(recipe="default", rho=0.1, **AVERAGE),
@@ -81,6 +83,9 @@ def train(model, opt, name: str, rank: int, world: int, steps: range) -> list[to
                 loss.backward()
                 return loss + float("nan") if bad else loss
             opt.step(closure)
+        elif name == "sam_replay":
+            nn.CrossEntropyLoss()(model(xb), yb).backward()
+            opt.step()
         else:
             torch.manual_seed(100 + step)  # dropout masks: the same per step in every run
             nn.functional.cross_entropy(model(xb), yb).backward()
@@ -120,9 +125,10 @@ def full_snapshot(model, opt) -> dict:
     model.eval()
     evals = list(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).values())
     model.train()
-    guard = opt.mechanism("guard")
+    guard, sam = opt.mechanism("guard"), opt.mechanism("sam")
     return {"params": params, "eval": evals, "steps": opt.steps, "skipped": guard.skipped,
-            "calibrated": opt.mechanism("calibrate").calibrated, "avg_count": opt.mechanism("average").count}
+            "calibrated": opt.mechanism("calibrate").calibrated, "avg_count": opt.mechanism("average").count,
+            "two_pass": None if sam is None else sam.two_pass_steps}
 
 
 def resume(rank: int, world: int, mesh, ckpt: str) -> dict:
@@ -202,8 +208,9 @@ def single_process(name: str) -> dict:
     model.eval()
     evals = [t.clone() for t in model.state_dict().values()]
     model.train()
+    sam = opt.mechanism("sam")
     return {"params": params, "eval": evals, "outs": outs, "steps": opt.steps, "skipped": opt.mechanism("guard").skipped,
-            "calibrated": opt.mechanism("calibrate").calibrated}
+            "calibrated": opt.mechanism("calibrate").calibrated, "two_pass": None if sam is None else sam.two_pass_steps}
 
 
 # -- tests ----------------------------------------------------------------------------------
@@ -225,6 +232,7 @@ def test_sharded_run_equals_the_unsharded_one(ranks, name):
         ref["outs"] = ref["outs"][-1:]  # the resumed run evaluated after its last step only
     got = ranks[0][name]
     assert (got["steps"], got["skipped"], got["calibrated"]) == (ref["steps"], ref["skipped"], ref["calibrated"])
+    assert got.get("two_pass") == ref["two_pass"] == (STEPS if "thorough" in name or "sam" in name else None)
     for key in ("params", "eval", "outs"):
         assert len(got[key]) == len(ref[key]), key
         for a, b in zip(got[key], ref[key]):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -194,18 +195,26 @@ def sharded_errors() -> dict:
     return errors
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> Iterator[dict]:
+    """One rank of a gloo group on loopback; what it puts in the dict is saved as rank{rank}.pt."""
     torch.set_num_threads(1)
     os.environ.update(loopback_env())
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate", "sam")}
-        results["sharded"] = sharded_errors()
+        results: dict = {}
+        yield results
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while another still communicates
     finally:
         dist.destroy_process_group()
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    with gloo_rank(rank, world, port, out_dir) as results:
+        results.update({name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate", "sam")})
+        results["sharded"] = sharded_errors()
 
 
 def spawn(fn, args: tuple, nprocs: int, timeout: float) -> None:

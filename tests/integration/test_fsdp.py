@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_ddp import GLOBAL, ROOT, STEPS, data, free_port, loopback_env, mlp, spawn, vanishing
+from test_ddp import (
+    GLOBAL,
+    ROOT,
+    STEPS,
+    data,
+    free_port,
+    gloo_rank,
+    loopback_env,
+    mlp,
+    spawn,
+    vanishing,
+)
 from torch import nn
 
 import deepopt
@@ -172,23 +183,14 @@ def sharded_errors(mesh) -> dict:
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    os.environ.update(loopback_env())
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, out_dir) as results:
         mesh = init_device_mesh("cpu", (world,))
-        results = {}
         for name in SCENARIOS:
             model, opt = build(name, mesh)
             outs = train(model, opt, name, rank, world, range(STEPS))
             results[name] = {**full_snapshot(model, opt), "outs": outs}
         results["resume"] = resume(rank, world, mesh, str(Path(out_dir) / "ckpt"))
         results["errors"] = sharded_errors(mesh)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while another still communicates
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if rows and "setup" in rows[0] and "split" not in rows[0]:  # zoo-cost.jsonl: read beside zoo.jsonl
             continue
+        if rows and "setup" in rows[0] and any(r["mode"].startswith("classical-x") for r in rows):
+            # the compute frontier (issue 42): classical stretched vs deepopt's budget, own blocks
+            from . import frontier
+
+            block_costs = frontier.read_block_costs(path.with_name(f"{stem}-cost.jsonl"))
+            text = put(text, "zoo-frontier", frontier.summary_table(rows, block_costs))
+            for b in frontier.BUDGETS:
+                text = put(text, f"zoo-frontier-x{b:g}", frontier.setup_table(rows, b, block_costs))
+            # the picture sits beside its rows (benchmarks/results/budget/frontier.png)
+            png = frontier.frontier_plot(rows, path.with_name("frontier.png")) if args.plots else "no plot"
+            plotted += [png] if args.plots else []
+            say(f"{stem}: {len(rows)} rows; tables zoo-frontier, zoo-frontier-x{{1.25,1.5,2}}; {png}")
+            continue
         if rows and "setup" in rows[0]:  # the zoo: its own tables and forest plot
             from . import zoo_report
 

@@ -1,0 +1,263 @@
+"""The compute frontier (issue 42): deepopt's ``budget`` against classical trained longer.
+
+Reads zoo rows with the modes ``classical``, ``classical-x{b}`` (the same setup with its
+step budget multiplied by ``b`` and its schedule stretched, :func:`benchmarks.zoo.stretched_budget`),
+``deepopt`` and ``deepopt:{"budget": b}``, and writes:
+
+* ``zoo-frontier``: per budget ``b``, the mean over setups of deepopt at ``budget=b``
+  against classical at equal epochs (x1) and against the **better of classical x1 and
+  classical x b**, that one chosen per setup on the **validation** split (mean over seeds),
+  the gains paired per seed on the **test** split, 95% interval over setups;
+* ``zoo-frontier-x{b}``: the same per setup, with paired 95% intervals over seeds and the
+  measured costs;
+* ``frontier.png``: test metric against measured cost per setup (panels grouped by setup
+  family): classical at x1, x1.25, x1.5, x2 and deepopt at budgets 1, 1.25, 1.5, 2.
+
+The measured cost of a run is its CPU seconds in the training steps (``cpu_sec_per_step
+* steps``; one thread, so load on the other core counts little) over those of classical x1
+on the same seed: ``b`` for classical x b by construction, what ``budget=b`` really spent
+for deepopt. Gains are improvements: points of accuracy (``R^2`` %) for the higher-is-better
+metrics; for the language model, bits per character saved (classical minus deepopt). Means
+over setups take the setups in points only; the language model stands alone.
+
+Example:
+    >>> mode_point("classical-x1.5"), mode_point('deepopt:{"budget": 2}'), mode_point("deepopt")
+    (('classical', 1.5), ('deepopt', 2.0), ('deepopt', 1.0))
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .stats import interval
+
+__all__ = ["BUDGETS", "mode_point", "index", "costs", "choose_classical", "frontier_gains", "summary_table",
+           "setup_table", "frontier_plot"]
+
+#: The budgets compared (``1`` is the default recipe at classical's epochs).
+BUDGETS = (1.25, 1.5, 2.0)
+
+
+def mode_point(mode: str) -> tuple[str, float] | None:
+    """``("classical", b)`` or ``("deepopt", b)`` for the frontier's modes, else ``None``."""
+    if mode == "classical":
+        return "classical", 1.0
+    if mode.startswith("classical-x"):
+        try:
+            return "classical", float(mode[len("classical-x"):])
+        except ValueError:
+            return None
+    if mode == "deepopt":
+        return "deepopt", 1.0
+    if mode.startswith("deepopt:"):
+        try:
+            kwargs = json.loads(mode.split(":", 1)[1])
+        except json.JSONDecodeError:
+            return None
+        if set(kwargs) == {"budget"}:
+            return "deepopt", float(kwargs["budget"])
+    return None
+
+
+def index(rows: list[dict]) -> dict[tuple[str, str, float], dict[int, dict[str, dict]]]:
+    """``(setup, kind, b) -> {seed: {split: row}}``; the last row of a run wins."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        point = mode_point(r["mode"])
+        if point is None or r.get("final") is None or r.get("trajectory", r["mode"]) != r["mode"]:
+            continue
+        out[(r["setup"], *point)][r["seed"]][r["split"]] = r
+    return out
+
+
+def _seconds(row: dict) -> float:
+    return row.get("cpu_sec_per_step", row["sec_per_step"]) * row["steps"]
+
+
+def costs(idx: dict, setup: str, kind: str, b: float) -> list[float]:
+    """Per seed, the run's training CPU time over classical x1's on the same seed."""
+    base = idx.get((setup, "classical", 1.0), {})
+    runs = idx.get((setup, kind, b), {})
+    return [_seconds(runs[s]["test"]) / _seconds(base[s]["test"]) for s in sorted(runs) if s in base]
+
+
+def _better(row: dict) -> int:
+    return 1 if row.get("higher_is_better", row.get("task") != "lm") else -1
+
+
+def _mean(idx: dict, key: tuple, split: str) -> float | None:
+    runs = idx.get(key, {})
+    values = [r[split]["final"] for r in runs.values() if split in r]
+    return statistics.fmean(values) if values else None
+
+
+def choose_classical(idx: dict, setup: str, b: float) -> float:
+    """The stretch (1 or ``b``) whose classical runs score better on the **validation** split."""
+    base, longer = _mean(idx, (setup, "classical", 1.0), "val"), _mean(idx, (setup, "classical", b), "val")
+    if longer is None or base is None:
+        return 1.0
+    sign = _better(next(iter(idx[(setup, "classical", 1.0)].values()))["val"])
+    return b if sign * (longer - base) > 0 else 1.0
+
+
+def _paired(idx: dict, a: tuple, ref: tuple, split: str = "test") -> list[float]:
+    """Per seed, the improvement of runs ``a`` over runs ``ref`` (signed by the metric's direction)."""
+    ra, rr = idx.get(a, {}), idx.get(ref, {})
+    out = []
+    for s in sorted(set(ra) & set(rr)):
+        if split in ra[s] and split in rr[s]:
+            out.append(_better(ra[s][split]) * (ra[s][split]["final"] - rr[s][split]["final"]))
+    return out
+
+
+def frontier_gains(rows: list[dict], b: float) -> dict[str, dict]:
+    """Per setup with deepopt at ``budget=b``: paired test gains vs classical x1 and vs the
+    better (on validation) of x1 and x b, the chosen stretch, and the measured costs."""
+    idx = index(rows)
+    out = {}
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        if not idx.get((setup, "deepopt", b)) or not idx.get((setup, "classical", 1.0)):
+            continue
+        chosen = choose_classical(idx, setup, b)
+        first = next(iter(idx[(setup, "classical", 1.0)].values()))["test"]
+        out[setup] = {
+            "family": first["family"], "task": first["task"], "points": _better(first) > 0,
+            "classical": _mean(idx, (setup, "classical", 1.0), "test"),
+            "stretched": _mean(idx, (setup, "classical", b), "test"),
+            "deepopt": _mean(idx, (setup, "deepopt", b), "test"),
+            "chosen": chosen,
+            "vs_x1": _paired(idx, (setup, "deepopt", b), (setup, "classical", 1.0)),
+            "vs_best": _paired(idx, (setup, "deepopt", b), (setup, "classical", chosen)),
+            "stretch_gain": _paired(idx, (setup, "classical", b), (setup, "classical", 1.0)),
+            "cost": costs(idx, setup, "deepopt", b), "cost_stretched": costs(idx, setup, "classical", b),
+        }
+    return out
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return ""
+    m, h = interval(values)
+    mark = "" if h != h else (" ▲" if m - h > 0 else (" ▼" if m + h < 0 else ""))
+    return (f"{m:+.{digits}f} ± {h:.{digits}f}" if h == h else f"{m:+.{digits}f}") + mark
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x" if values else ""
+
+
+def summary_table(rows: list[dict], block_costs: dict[tuple[str, str], float] | None = None) -> str:
+    """Per budget: mean gain over setups (in points) vs classical x1 and vs the better of
+    x1 and x b (chosen on validation), setups won/lost, the measured costs."""
+    out = ["| deepopt budget | setups (seeds) | vs classical x1, equal epochs | vs better of x1 / x b "
+           "(chosen on val) | won ▲ / lost ▼ vs better | classical x b vs x1 | measured cost: deepopt "
+           "| classical x b |", "|---|---|---|---|---|---|---|---|"]
+    for b in (1.0, *BUDGETS):
+        per = {s: g for s, g in frontier_gains(rows, b).items() if g["points"] and g["vs_x1"]}
+        if not per:
+            continue
+        seeds = sorted({len(g["vs_x1"]) for g in per.values()})
+        vs_x1 = [statistics.fmean(g["vs_x1"]) for g in per.values()]
+        vs_best = [statistics.fmean(g["vs_best"]) for g in per.values() if g["vs_best"]]
+        stretch = [statistics.fmean(g["stretch_gain"]) for g in per.values() if g["stretch_gain"]]
+        won = sum(interval(g["vs_best"])[0] - interval(g["vs_best"])[1] > 0 for g in per.values() if g["vs_best"])
+        lost = sum(interval(g["vs_best"])[0] + interval(g["vs_best"])[1] < 0 for g in per.values() if g["vs_best"])
+        cost = [c for g in per.values() for c in g["cost"]]
+        cost_s = [c for g in per.values() for c in g["cost_stretched"]]
+        out.append(f"| {b:g} | {len(per)} ({'-'.join(map(str, seeds))}) | {_fmt(vs_x1)} | "
+                   f"{_fmt(vs_best) if b > 1 else ''} | {f'{won} / {lost}' if b > 1 else ''} | "
+                   f"{_fmt(stretch) if b > 1 else ''} | {_median(cost)} | {_median(cost_s) if b > 1 else ''} |")
+    return "\n".join(out)
+
+
+def setup_table(rows: list[dict], b: float, block_costs: dict[tuple[str, str], float] | None = None) -> str:
+    """Per setup at budget ``b``: test means, the paired gains (95% interval over seeds) and costs."""
+    per = frontier_gains(rows, b)
+    head = (f"| setup | metric | classical x1 | classical x{b:g} | deepopt budget {b:g} | vs x1 (equal epochs) | "
+            f"better of x1 / x{b:g} on val | vs that one | cost deepopt (run / per step) | cost classical x{b:g} |")
+    out = [head, "|" + "---|" * 10]
+    for setup, g in per.items():
+        lm = not g["points"]
+        unit, digits = ("bits/char", 3) if lm else ("R² %" if g["task"] == "regression" else "acc %", 2)
+        step = (block_costs or {}).get((setup, _budget_mode(b)))
+
+        def val(x: float | None, digits: int = digits) -> str:
+            return "" if x is None else f"{x:.{digits}f}"
+
+        out.append(f"| {setup} | {unit}{' (lower better)' if lm else ''} | {val(g['classical'])} | "
+                   f"{val(g['stretched'])} | {val(g['deepopt'])} | {_fmt(g['vs_x1'], digits)} | "
+                   f"x{g['chosen']:g} | {_fmt(g['vs_best'], digits)} | {_median(g['cost'])}"
+                   f"{'' if step is None else f' / {step:.2f}x'} | {_median(g['cost_stretched'])} |")
+    return "\n".join(out)
+
+
+def _budget_mode(b: float) -> str:
+    return "deepopt" if b == 1 else 'deepopt:{"budget": ' + f"{b:g}" + "}"
+
+
+def read_block_costs(path: Path) -> dict[tuple[str, str], float]:
+    """``(setup, mode) -> ratio`` of ``python -m benchmarks zoo --cost`` rows (per-step CPU time
+    in alternating blocks, against classical); modes keyed by their frontier point."""
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                point = mode_point(r["mode"])
+                if point is not None:
+                    out[(r["setup"], _budget_mode(point[1]) if point[0] == "deepopt" else r["mode"])] = r["ratio"]
+    return out
+
+
+def frontier_plot(rows: list[dict], out: Path) -> Path:
+    """Test metric (mean over seeds, 95% interval) against measured cost, one panel per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = index(rows)
+    setups = [s for s in dict.fromkeys(r["setup"] for r in rows) if (s, "classical", 1.0) in idx]
+    family = {s: next(iter(idx[(s, "classical", 1.0)].values()))["test"]["family"] for s in setups}
+    setups.sort(key=lambda s: (family[s], s))
+    cols = min(4, len(setups)) or 1
+    nrows = -(-len(setups) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False)
+    for ax, setup in zip(axes.flat, setups):
+        first = next(iter(idx[(setup, "classical", 1.0)].values()))["test"]
+        for i, kind in enumerate(("classical", "deepopt")):
+            points = sorted(b for (s, k, b) in idx if s == setup and k == kind)
+            xs, ys, es = [], [], []
+            for b in points:
+                runs = idx[(setup, kind, b)]
+                c = costs(idx, setup, kind, b)
+                values = [r["test"]["final"] for r in runs.values() if "test" in r]
+                if not c or not values:
+                    continue
+                m, h = interval(values)
+                xs.append(statistics.fmean(c))
+                ys.append(m)
+                es.append(0 if h != h else h)
+            label = "classical x1, x1.25, x1.5, x2" if kind == "classical" else "deepopt budget 1, 1.25, 1.5, 2"
+            ax.errorbar(xs, ys, yerr=es, fmt="-o", color=f"C{i}", ms=4, capsize=2, lw=1.2, label=label)
+        unit = "bits/char (lower better)" if not _better(first) > 0 else (
+            "R² %" if first["task"] == "regression" else "accuracy %")
+        ax.set_title(f"{family[setup]}\n{setup}", fontsize=8)
+        ax.set_xlabel("measured cost (CPU time / classical x1)", fontsize=7)
+        ax.set_ylabel(f"test {unit}", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(lw=0.3, alpha=0.5)
+    for ax in list(axes.flat)[len(setups):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Compute frontier: classical trained longer vs deepopt's budget (test split, mean ± 95% CI over seeds)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -172,6 +172,8 @@ def test_no_trainable_parameters():
         ({"ema_decay": 1.0}, r"ema_decay=1.0 is invalid: it must lie in \[0, 1\)"),
         ({"average": "swa"}, "average='swa' is invalid"),
         ({"enabled": False, "rho": -1}, "rho=-1 is invalid"),
+        ({"budget": 3}, r"budget=3 is invalid: it must lie in \[1, 2\]"),
+        ({"sam_rho": 0.05}, r"sam_rho moved to deepopt.experimental: pass mechanisms=\[TwoPassSAM\(rho=...\)\].*budget=1.5"),
     ],
 )
 def test_bad_settings(kwargs, match):
@@ -219,9 +221,9 @@ def test_lbfgs_gets_its_closure_and_the_mechanisms_it_cannot_take_are_off(capsys
     assert opt.steps == 3 and [a.item() for a in losses] == [b.item() for b in plain_losses]
     for a, b in zip(params_of(model), params_of(plain)):
         assert torch.equal(a, b)  # the default recipe leaves a healthy net's training unchanged
-    _, opt, _ = lbfgs_run({"rho": 0.1, "mechanisms": [WeightNoise(0.1)], "sam_rho": 0.05, "average": "ema"}, steps=2)
+    _, opt, _ = lbfgs_run({"rho": 0.1, "mechanisms": [WeightNoise(0.1)], "budget": 1.5, "average": "ema"}, steps=2)
     said = capsys.readouterr().err.splitlines()
-    assert len(said) == 1 and all(f"{k}=" in said[0] for k in ("rho", "noise", "sam_rho")), said
+    assert len(said) == 1 and all(f"{k}=" in said[0] for k in ("rho", "noise", "budget")), said
     assert [m.name for m in opt.mechanisms] == ["calibrate", "average"]
     assert opt.mechanism("average").tensors is not None  # averaging, which can act, does
 
@@ -238,6 +240,6 @@ def test_thorough_on_a_loss_it_cannot_prove_says_so_once_in_one_line_and_trains_
         train(model, opt, x, y, steps=4)
         runs.append(params_of(model.train()))
     said = capsys.readouterr().err.splitlines()
-    assert len(said) == 1 and said[0].startswith("deepopt: two-pass SAM (sam_rho=0.05) cannot run on this loop")
+    assert len(said) == 1 and said[0].startswith("deepopt: budget=1.5 (two-pass SAM, rho 0.05) cannot run on this loop")
     for a, b in zip(*runs):
         assert torch.equal(a, b)  # no SAM step ran: the plain SGD trajectory

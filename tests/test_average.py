@@ -9,6 +9,7 @@ from torch import nn
 import deepopt
 from conftest import assert_equal, bn_cnn, data, train
 from deepopt.checkpoint import training_state_dict
+from deepopt.experimental import TwoPassSAM
 from deepopt.mechanisms.average import (
     WeightAverage,
     average_,
@@ -148,8 +149,8 @@ def test_average_restart_also_acts_on_a_two_pass_sam_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = deepopt.activate(model, opt, recipe="safe", sam_rho=0.05,
-                                  mechanisms=[WeightAverage("phase", restart=True)])
+    model, opt = deepopt.activate(model, opt, recipe="safe",
+                                  mechanisms=[TwoPassSAM(0.05), WeightAverage("phase", restart=True)])
     x = torch.randn(16, 3)
     seen, first = [], []
 

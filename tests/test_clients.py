@@ -24,10 +24,12 @@ from deepopt import cli, replay
 CLIENTS = Path(__file__).parent / "clients"
 GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
 NO_GUARD_ON_CLOSURE = "the divergence guard does not act on SGD.step(closure) under deepopt run"
-NO_SAM = "two-pass SAM does not act on SGD.step(closure) under deepopt run"
+NO_SAM = "budget=2 does not act on SGD.step(closure) under deepopt run"
 IDLE = "after 15 steps this run trains and evaluates as it would without deepopt"
-SAM_RUNS = "two-pass SAM (sam_rho=0.05) runs on this loop without a closure"
-SAM_CANNOT = "two-pass SAM (sam_rho=0.05) cannot run on this loop"
+# budget 2: two passes on every step, so a few steps show whether SAM ran.
+SAM_FLAGS = ("--recipe", "thorough", "--set", "budget=2")
+SAM_RUNS = "budget=2 (two-pass SAM, rho 0.05) runs on this loop without a closure"
+SAM_CANNOT = "budget=2 (two-pass SAM, rho 0.05) cannot run on this loop"
 
 # script: (the deepopt lines of `deepopt run`, those of explicit activate), each a prefix
 EXPECTED = {
@@ -180,17 +182,17 @@ def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd,
     SAM runs, ``deepopt run --recipe thorough`` says the same and trains exactly as the explicit
     activation, and SAM changed training."""
     note = sam_note(script)
-    os.environ["DEEPOPT_RECIPE"] = "thorough"
+    os.environ.update(DEEPOPT_RECIPE="thorough", DEEPOPT_BUDGET="2")
     try:
         explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory, "thorough")
     finally:
-        del os.environ["DEEPOPT_RECIPE"]
+        del os.environ["DEEPOPT_RECIPE"], os.environ["DEEPOPT_BUDGET"]
     said = [line for line in explicit_lines if "SAM" in line]
     if note.startswith("SAM: runs"):
         assert len(said) == 1 and said[0].startswith(SAM_RUNS), explicit_lines
         if "stops before" in note:
             return
-        run, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
+        run, lines = client(script, "run", capfd, tmp_path_factory, *SAM_FLAGS)
         assert [line for line in lines if "SAM" in line] == said
         assert_bitwise_equal(training_weights(explicit), training_weights(run))
         off, _ = client(script, "off", capfd, tmp_path_factory)
@@ -201,7 +203,7 @@ def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd,
         assert said and all(line.startswith(SAM_CANNOT) for line in said), explicit_lines  # one per optimizer
     elif note.startswith("SAM: under deepopt run, not on step(closure)"):
         assert said == []  # the explicit activation runs SAM through the closure
-        _, lines = client(script, "run", capfd, tmp_path_factory, "--recipe", "thorough")
+        _, lines = client(script, "run", capfd, tmp_path_factory, *SAM_FLAGS)
         assert [line for line in lines if "SAM" in line] == [
             NO_SAM + " (the closure runs inside torch's step, after deepopt's hook); add "
             "`model, optimizer = deepopt.activate(model, optimizer)` to the script for it."]

@@ -12,6 +12,7 @@ import deepopt
 import deepopt.mechanisms.dropout_match
 from conftest import assert_equal, data, mlp, train
 from deepopt.checkpoint import training_state_dict
+from deepopt.experimental import TwoPassSAM
 from deepopt.mechanisms.dropout_match import (
     DropoutMatch,
     has_dropout,
@@ -139,7 +140,7 @@ def test_kept_factors_change_only_the_evaluated_weights(always_keep):
 
 def test_two_pass_sam_steps_are_measured_and_matched_too(always_keep):
     # SAM's closures run with the model hooks held; the training batch must still be kept.
-    model, opt, out = train_pair({"recipe": "thorough", "sam_lr_ceiling": 1.0, "average": None}, closure=True)
+    model, opt, out = train_pair({"average": None, "mechanisms": [TwoPassSAM(0.05, 1000)]}, closure=True)
     assert opt.mechanism("dropout_match").step == 12 and opt.mechanism("dropout_match").keep
     model.eval()
     shown = model.state_dict()["3.weight"].clone()  # state_dict() holds the live tensors

@@ -8,6 +8,7 @@ from torch import nn
 
 import deepopt
 from conftest import bn_cnn, data, mlp, params_of, train
+from deepopt.experimental import TwoPassSAM
 from deepopt.mechanisms.perturb import MomentumPerturbation, direction, perturbation
 
 
@@ -131,8 +132,8 @@ def test_two_pass_sam_matches_reference_and_keeps_bn_stats():
     model = bn_cnn()
     ref = bn_cnn()
     ref.load_state_dict(model.state_dict())
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="thorough",
-                                  guard=False, sam_warmup=0, sam_lr_ceiling=1.0)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), guard=False,
+                                  mechanisms=[TwoPassSAM(0.05)])
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     x, y = data("img", n=16)
     loss_fn = nn.functional.cross_entropy
@@ -167,16 +168,16 @@ def test_two_pass_sam_matches_reference_and_keeps_bn_stats():
 
 
 def test_sam_warmup_ramps_the_radius_step_by_step():
-    # sam_warmup=4 at rho 0.2: step 0 uses radius 0.05 and step 1 radius 0.1. A run that
+    # warmup=4 at rho 0.2: step 0 uses radius 0.05 and step 1 radius 0.1. A run that
     # switches a plain (no warm-up) SAM's radius by hand between the steps must match.
     x, y = data("img", n=16)
     loss_fn = nn.functional.cross_entropy
 
-    def run(radii, **overrides):
+    def run(radii, rho, warmup):
         torch.manual_seed(0)
         model = bn_cnn()
         model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                      recipe="thorough", sam_lr_ceiling=1.0, **overrides)
+                                      mechanisms=[TwoPassSAM(rho, warmup)])
         for i, rho in enumerate(radii):
             if rho is not None:  # stands in for the ramp: a fresh setting per step
                 opt.mechanism("sam").rho = rho
@@ -189,9 +190,9 @@ def test_sam_warmup_ramps_the_radius_step_by_step():
             opt.step(closure)
         return [p.detach().clone() for p in model.parameters()]
 
-    warmed = run([None, None], sam_rho=0.2, sam_warmup=4)
-    by_hand = run([0.05, 0.1], sam_rho=0.2, sam_warmup=0)
-    full = run([None, None], sam_rho=0.2, sam_warmup=0)
+    warmed = run([None, None], 0.2, 4)
+    by_hand = run([0.05, 0.1], 0.2, 0)
+    full = run([None, None], 0.2, 0)
     assert all(torch.equal(a, b) for a, b in zip(warmed, by_hand))
     assert not all(torch.equal(a, b) for a, b in zip(warmed, full))
 

@@ -79,6 +79,7 @@ OPTIMIZERS = {
 # Overrides a user may pass: valid values, and invalid ones that must be refused up front.
 VALID = {
     "rho": [0.0, 0.02, 0.2],
+    "budget": [1.0, 1.25, 2.0],
     "ascent": [False, True],
     "adaptive": [False, True],
     "rho_follows_lr": [False, True],
@@ -95,6 +96,7 @@ VALID = {
 }
 INVALID = {
     "rho": [-0.1, math.nan, math.inf, "0.1"],
+    "budget": [0.5, 2.5, math.nan, "1.5"],
     "ema_decay": [1.0, -0.5, math.nan],
     "average": ["swa", "EMA"],
     "lookahead_k": [-1, 2.5, True],

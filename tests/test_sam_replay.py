@@ -15,8 +15,12 @@ from torch import nn
 
 import deepopt
 from deepopt.checkpoint import training_state_dict
+from deepopt.experimental import TwoPassSAM
 
-SAM_EVERY_STEP = {"recipe": "thorough", "sam_lr_ceiling": 1.0, "sam_warmup": 0}
+
+def sam_every_step() -> dict:
+    """Two-pass SAM at full radius on every step (a fresh mechanism per activation)."""
+    return {"mechanisms": [TwoPassSAM(0.05)]}
 STEPS = 5
 
 
@@ -61,11 +65,11 @@ def loss_of(model, style, x, y, criterion):
             "dataclass": lambda: out.loss}[style]()
 
 
-def train(style, closure_free, accumulate=1, clip=None, settings=SAM_EVERY_STEP, loss_fn=None):
+def train(style, closure_free, accumulate=1, clip=None, settings=None, loss_fn=None):
     """The trained model's state and its SAM mechanism, after STEPS steps."""
     model = make(style)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    model, opt = deepopt.activate(model, opt, **settings)
+    model, opt = deepopt.activate(model, opt, **(settings or sam_every_step()))
     criterion = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(2)  # dropout
@@ -154,7 +158,7 @@ def test_a_loss_deepopt_cannot_prove_gets_no_sam_and_one_line(loss_fn, reason, c
 def test_gradients_changed_by_hand_get_no_sam(capsys):
     model = make(None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = deepopt.activate(model, opt, **SAM_EVERY_STEP)
+    model, opt = deepopt.activate(model, opt, **sam_every_step())
     nn.CrossEntropyLoss()(model(torch.randn(8, 5)), torch.randint(0, 3, (8,))).backward()
     for p in model.parameters():
         p.grad.mul_(0.5)  # a transform deepopt cannot repeat
@@ -166,7 +170,7 @@ def test_gradients_changed_by_hand_get_no_sam(capsys):
 def test_a_failing_replay_leaves_the_training_weights_and_the_buffers():
     model = make(None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = deepopt.activate(model, opt, **SAM_EVERY_STEP)
+    model, opt = deepopt.activate(model, opt, **sam_every_step())
     calls = {"n": 0}
 
     def bomb(module, args):
@@ -193,7 +197,7 @@ def test_deactivate_puts_torch_functions_back():
         recorder.close()
     original = torch.autograd.backward
     model = make(None)
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **SAM_EVERY_STEP)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **sam_every_step())
     assert torch.autograd.backward is not original and torch.autograd.backward.__wrapped__ is original
     deepopt.deactivate(model, opt)
     del opt
@@ -236,7 +240,7 @@ def test_fp16_grad_scaler_loop_runs_sam_and_a_skipped_step_leaves_no_trace():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                  **SAM_EVERY_STEP)
+                                  **sam_every_step())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     updated = amp_loop(model, opt, scaler, 6, inf_batch=3)
     assert updated == [True, True, True, False, True, True]  # the scaler skipped step 3 whole
@@ -249,7 +253,7 @@ def test_an_inf_in_the_second_pass_skips_the_step_and_lowers_the_scale():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), InfOnCall(bad=4), nn.Linear(16, 3))
     model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                  **SAM_EVERY_STEP)
+                                  **sam_every_step())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     updated = amp_loop(model, opt, scaler, 3)  # calls 1, 2: step 0; 3, 4: step 1 (replay inf)
     assert updated == [True, False, True]
@@ -260,7 +264,7 @@ def test_an_inf_in_the_second_pass_skips_the_step_and_lowers_the_scale():
 def test_bf16_autocast_runs_sam():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
-    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **SAM_EVERY_STEP)
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), **sam_every_step())
     criterion = nn.CrossEntropyLoss()
     for _ in range(3):
         with torch.autocast("cpu", dtype=torch.bfloat16):

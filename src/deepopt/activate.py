@@ -35,14 +35,14 @@ def activate(
     Args:
         model: the network (any ``nn.Module``, DDP-wrapped or not).
         optimizer: any ``torch.optim.Optimizer`` over (a subset of) ``model``'s parameters.
-        recipe: ``"default"`` (about 1x cost), ``"thorough"`` (up to 2x: the default plus
-            exact SAM once the LR has fallen to a tenth of its peak, when ``step(closure)``
-            is used) or ``"safe"`` (calibration and guard only).
+        recipe: ``"default"`` (about 1x cost), ``"thorough"`` (the default with
+            ``budget=1.5``: exact two-pass SAM late in the run) or ``"safe"`` (calibration
+            and guard only).
         enabled: ``False`` returns ``model`` and ``optimizer`` untouched, for A/B runs.
         mechanisms: mechanism objects to add, e.g. ``[deepopt.experimental.Lookahead(k=5)]``;
             one replaces the recipe's mechanism of the same name. Each serves one activation.
         **overrides: fields of :class:`deepopt.Settings` replacing the recipe's values,
-            e.g. ``rho=0.05``, ``average="ema"``, ``ema_decay=0.999``.
+            e.g. ``budget=1.5``, ``average="ema"``, ``ema_decay=0.999``.
 
     Returns:
         ``(model, optimizer)``: the same model (with hooks) and a

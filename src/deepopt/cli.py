@@ -88,12 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                      help="deepopt recipe: default (about 1x cost), safe (calibration and guard only) "
-                     "or thorough (the default plus two-pass SAM in the low-LR tail, which needs deepopt.activate "
-                     "and step(closure) in the "
-                     "script: under deepopt run it trains as default, and says so). Default: default")
+                     "or thorough (the default with budget=1.5: two-pass SAM late in the run, where deepopt can "
+                     "replay the script's loss; it says once whether it can). Default: default")
     run.add_argument("--off", action="store_true", help="run the script classically (the A/B twin run)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe setting, e.g. --set rho=0.05 (repeatable)")
+                     help="override a recipe setting, e.g. --set budget=1.25 (repeatable)")
     run.add_argument("script_command", nargs=argparse.REMAINDER, metavar="-- python SCRIPT ARGS",
                      help="the command that runs your script")
     return parser

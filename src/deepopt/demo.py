@@ -309,7 +309,7 @@ def train_pair(
         on_epoch: called after each epoch with ``(epoch, classical_acc, deepopt_acc)``.
 
     Both runs use the usual ``loss.backward(); optimizer.step()`` loop, or, when the
-    settings ask for exact two-pass SAM (``sam_rho > 0``, the ``thorough`` recipe),
+    settings ask for exact two-pass SAM (``budget > 1``, the ``thorough`` recipe),
     ``optimizer.step(closure)``, the form that SAM needs.
 
     Returns:
@@ -343,9 +343,13 @@ def train_pair(
 def _needs_closure(recipe: str, overrides: dict[str, Any] | None) -> bool:
     """Exact two-pass SAM needs ``step(closure)``; both runs then use that form (for plain
     SGD it is the same computation as ``backward()`` then ``step()``)."""
+    from deepopt.experimental import legacy_kwargs
     from deepopt.recipes import resolve
 
-    return resolve(recipe, dict(overrides or {})).sam_rho > 0
+    kw = legacy_kwargs({"recipe": recipe, **(overrides or {})})
+    extra = kw.pop("mechanisms", [])
+    settings = resolve(kw.pop("recipe"), kw)
+    return settings.budget > 1 or any(m.needs_closure for m in extra)
 
 
 def _initial_model(data: dict[str, Tensor], net: str, seed: int, batch_size: int) -> tuple[nn.Module, float]:

@@ -6,8 +6,9 @@ same name). BENCHMARKS.md, section 1, has the measurements behind each verdict.
 
 * :class:`MomentumPerturbation` with ``follows_lr``, ``ascent`` or ``adaptive`` (its plain
   form is ``Settings.rho``);
-* :class:`TwoPassSAM` with ASAM's ``adaptive`` radius, an ``lr_range``, or LookSAM's
-  ``every``/``reuse`` (its plain form is ``Settings.sam_rho``);
+* :class:`TwoPassSAM` with a radius, a warm-up, ASAM's ``adaptive`` radius, an ``lr_range``,
+  or LookSAM's ``every``/``reuse`` (``Settings.budget`` decides its steps otherwise);
+* :class:`Calibration` with another ``threshold`` than 1e-3;
 * :class:`WeightNoise`: random weight perturbation;
 * :class:`Lookahead`: slow/fast weights;
 * :class:`WeightAverage` with ``restart=True``: continue from the average at each LR change;
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from .mechanisms.average import WeightAverage
+from .mechanisms.calibrate import Calibration
 from .mechanisms.lookahead import Lookahead
 from .mechanisms.noise import WeightNoise
 from .mechanisms.perturb import MomentumPerturbation
@@ -35,27 +37,38 @@ from .mechanisms.sam import TwoPassSAM
 from .mechanisms.switch import SwitchAverage
 from .recipes import MOVED, RECIPES
 
-__all__ = ["MomentumPerturbation", "TwoPassSAM", "WeightNoise", "Lookahead", "WeightAverage", "SwitchAverage",
-           "legacy_kwargs"]
+__all__ = ["MomentumPerturbation", "TwoPassSAM", "Calibration", "WeightNoise", "Lookahead", "WeightAverage",
+           "SwitchAverage", "legacy_kwargs"]
+
+#: What the ``thorough`` recipe meant before ``budget`` (SAM from the LR's first tenth on).
+OLD_THOROUGH_SAM = {"sam_rho": 0.05, "sam_warmup": 1000, "sam_lr_ceiling": 0.1}
+_SAM_KNOBS = ("sam_rho", "sam_warmup", "sam_lr_ceiling", "adaptive", "sam_every", "sam_reuse", "sam_lr_fraction")
 
 
 def legacy_kwargs(knobs: dict[str, Any]) -> dict[str, Any]:
-    """``activate()`` keyword arguments for settings written with deepopt 0.1's knobs.
+    """``activate()`` keyword arguments for settings written with knobs that left the settings.
 
     The knobs that moved (:data:`deepopt.recipes.MOVED`) become mechanisms with the same
     behaviour (LookSAM's ``sam_reuse`` keeps 0.1's default, 0.7), so benchmark rows run
-    with them reproduce.
+    with them reproduce. With a SAM knob, ``recipe="thorough"`` means what it meant then:
+    the default plus :data:`OLD_THOROUGH_SAM`.
 
     Example:
         >>> kw = legacy_kwargs({"recipe": "safe", "sam_rho": 0.05, "sam_every": 4, "noise": 0.1})
         >>> kw["recipe"], kw["mechanisms"]
         ('safe', [WeightNoise(sigma=0.1, seed=...), TwoPassSAM(rho=0.05, warmup=0, adaptive=False, lr_range=(0.0, 1.0), every=4, reuse=0.7)])
+        >>> legacy_kwargs({"recipe": "thorough", "sam_lr_ceiling": 1.0})["mechanisms"]
+        [TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 1.0), every=1, reuse=0.7)]
     """
     kw = dict(knobs)
     moved = {k: kw.pop(k) for k in list(kw) if k in MOVED}
     mechanisms = list(kw.pop("mechanisms", []))
     if not moved:
         return {**kw, "mechanisms": mechanisms} if mechanisms else kw
+    sam = {"sam_rho": 0.0, "sam_warmup": 0, "sam_lr_ceiling": 1.0}
+    if kw.get("recipe") == "thorough" and any(k in moved for k in _SAM_KNOBS):
+        kw["recipe"], sam = "default", dict(OLD_THOROUGH_SAM)
+    sam.update({k: moved[k] for k in sam if k in moved})
     base = RECIPES[kw.get("recipe", "default")]
     adaptive = bool(moved.get("adaptive", False))
     rho = kw.get("rho", base.rho)
@@ -66,12 +79,12 @@ def legacy_kwargs(knobs: dict[str, Any]) -> dict[str, Any]:
         mechanisms.append(WeightNoise(moved["noise"]))
     if moved.get("lookahead_k", 0) > 0:
         mechanisms.append(Lookahead(moved["lookahead_k"], moved.get("lookahead_alpha", 0.5)))
-    sam_rho = kw.get("sam_rho", base.sam_rho)
-    sam_knobs = ("adaptive", "sam_every", "sam_reuse", "sam_lr_fraction")
-    if sam_rho > 0 and any(k in moved for k in sam_knobs):
-        mechanisms.append(TwoPassSAM(sam_rho, kw.get("sam_warmup", base.sam_warmup), adaptive=adaptive,
-                                     lr_range=(moved.get("sam_lr_fraction", 0.0), kw.get("sam_lr_ceiling", base.sam_lr_ceiling)),
+    if sam["sam_rho"] > 0:
+        mechanisms.append(TwoPassSAM(sam["sam_rho"], sam["sam_warmup"], adaptive=adaptive,
+                                     lr_range=(moved.get("sam_lr_fraction", 0.0), sam["sam_lr_ceiling"]),
                                      every=moved.get("sam_every", 1), reuse=moved.get("sam_reuse", 0.7)))
+    if "calibrate_threshold" in moved and kw.get("calibrate", base.calibrate):
+        mechanisms.append(Calibration(moved["calibrate_threshold"]))
     if moved.get("average_restart"):
         kind = kw.get("average", base.average)
         mechanisms.append(WeightAverage(kind, kw.get("ema_decay", base.ema_decay),

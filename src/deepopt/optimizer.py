@@ -41,6 +41,8 @@ class DeepOptimizer(OptimizerProxy):
         mechanisms: the mechanisms acting, in the order their events run.
         settings: the :class:`deepopt.Settings` they were built from.
         steps: updates taken. max_lr: the largest LR an update has used.
+        total_steps: the run's length in updates, if known (``None``): the Lightning and
+            Trainer callbacks set it; a user may (it places a ``budget``'s SAM steps).
         views: which weights the model shows (:class:`deepopt.views.Views`).
 
     Example:
@@ -61,7 +63,7 @@ class DeepOptimizer(OptimizerProxy):
                  settings: Any = None) -> None:
         # No super().__init__(): the state lives in the base optimizer (deepopt.proxy).
         self.optimizer, self.model, self.settings = optimizer, model, settings
-        self.steps, self.max_lr = 0, 0.0
+        self.steps, self.max_lr, self.total_steps = 0, 0.0, None
         self._fsdp = fsdp_modules(model)  # FSDP2 (fully_shard): mechanisms act on local shards
         self.views = Views(functools.partial(reshard, self._fsdp) if self._fsdp else None)
         self.base_stepping = False  # inside this wrapper's own call of the base step

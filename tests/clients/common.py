@@ -28,7 +28,9 @@ def maybe_activate(model, optimizer):
     if os.environ.get("DEEPOPT_CLIENT") == "activate":
         import deepopt
 
-        return deepopt.activate(model, optimizer, recipe=os.environ.get("DEEPOPT_RECIPE", "default"))
+        budget = os.environ.get("DEEPOPT_BUDGET")  # the tests' stand-in for --set budget=...
+        return deepopt.activate(model, optimizer, recipe=os.environ.get("DEEPOPT_RECIPE", "default"),
+                                **({"budget": float(budget)} if budget else {}))
     return model, optimizer
 
 

@@ -77,8 +77,14 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x.sum(1) > 0).long() + (x[:, 0] > 1).long()
 
 
-SAM = {"recipe": "thorough", "sam_lr_ceiling": 1.0, "sam_warmup": 0, "average": "ema", "ema_decay": 0.9,
-       "average_every": 1}  # two-pass SAM at every step, replayed (no closure)
+SAM = {"average": "ema", "ema_decay": 0.9, "average_every": 1}  # + two-pass SAM at every step, replayed
+
+
+def sam_mechanisms() -> list:
+    """Two-pass SAM at full radius on every step (a fresh mechanism per activation)."""
+    from deepopt.experimental import TwoPassSAM
+
+    return [TwoPassSAM(0.05)]
 
 
 def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None, criterion=None) -> None:
@@ -146,7 +152,7 @@ def scenario(name: str, rank: int, world: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if name == "sam":  # both passes all-reduced by DDP: the ascent is the global gradient's
         ddp = DDP(model)
-        _, opt = deepopt.activate(ddp, opt, **SAM)
+        _, opt = deepopt.activate(ddp, opt, mechanisms=sam_mechanisms(), **SAM)
         train(ddp, opt, rank, world, ddp=ddp, criterion=nn.CrossEntropyLoss())
         return {**snapshot(ddp, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
     if name == "before":
@@ -239,7 +245,7 @@ def single_process(name: str) -> dict:
     model = (vanishing if name == "calibrate" else mlp)()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if name == "sam":
-        model, opt = deepopt.activate(model, opt, **SAM)
+        model, opt = deepopt.activate(model, opt, mechanisms=sam_mechanisms(), **SAM)
         train(model, opt, rank=0, world=1, criterion=nn.CrossEntropyLoss())
         return {**snapshot(model, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
     model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])

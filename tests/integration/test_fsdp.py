@@ -30,6 +30,7 @@ from test_ddp import (
 from torch import nn
 
 import deepopt
+from deepopt.experimental import legacy_kwargs
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo unavailable"
@@ -123,7 +124,8 @@ def build(name: str, mesh=None):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return deepopt.activate(model, opt, **SCENARIOS["default" if name == "resume" else name])
+    # legacy_kwargs: recipe="thorough" with sam_* knobs becomes the default + TwoPassSAM(...).
+    return deepopt.activate(model, opt, **legacy_kwargs(SCENARIOS["default" if name == "resume" else name]))
 
 
 def full_snapshot(model, opt) -> dict:

@@ -93,6 +93,7 @@ class DeepOpt(TrainerCallback):
         holder, base = _unwrap(optimizer)
         if isinstance(base, DeepOptimizer):
             self.optimizer = base  # a second train() on the same Trainer
+            base.total_steps = state.max_steps or None
             return
         if holder is None:
             raise ValueError(
@@ -104,6 +105,7 @@ class DeepOpt(TrainerCallback):
         assert isinstance(wrapped, DeepOptimizer)
         _install(holder, wrapped)
         self.optimizer = wrapped
+        wrapped.total_steps = state.max_steps or None  # where a budget spends its SAM steps
         if state.global_step > 0:
             self._resume(args, state)
 

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -93,6 +94,8 @@ class DeepOpt(pl.Callback):
             base = base.optimizer
         _, wrapped = activate(pl_module, base, recipe=self.recipe, enabled=True, **self.overrides)
         assert isinstance(wrapped, DeepOptimizer)
+        total = trainer.estimated_stepping_batches  # inf for an open-ended fit
+        wrapped.total_steps = int(total) if math.isfinite(total) else None  # where a budget spends
         trainer.strategy.optimizers = [wrapped]  # Lightning wraps it in a LightningOptimizer
         self.optimizer, self._module = wrapped, pl_module
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .average import WeightAverage
 from .base import Mechanism
+from .budget import BudgetSAM
 from .calibrate import Calibration
 from .dropout_match import DropoutMatch
 from .guard import DivergenceGuard
@@ -42,12 +43,12 @@ REGISTRY: tuple[type[Mechanism], ...] = (
     DivergenceGuard,
     MomentumPerturbation,
     WeightNoise,
-    TwoPassSAM,
+    BudgetSAM,
 )
 
 #: Subclasses that take a registered mechanism's place (same name, same slot in the order)
 #: when passed in ``mechanisms=[...]``; the conformance tests check them as registered ones.
-VARIANTS: tuple[type[Mechanism], ...] = (SwitchAverage,)
+VARIANTS: tuple[type[Mechanism], ...] = (SwitchAverage, TwoPassSAM)
 
 
 def compose(settings: Any, extra: Iterable[Mechanism] = ()) -> list[Mechanism]:

@@ -164,12 +164,14 @@ class Calibration(Mechanism):
     name = "calibrate"
 
     def __init__(self, threshold: float = 1e-3) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold={threshold!r} is invalid: it must lie in (0, 1), e.g. 1e-3.")
         self.threshold = threshold
         self.calibrated: bool | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> Calibration | None:
-        return cls(settings.calibrate_threshold) if settings.calibrate else None
+        return cls() if settings.calibrate else None
 
     def on_train_forward(self, opt: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.calibrated is not None:  # every training forward passes here: keep it cheap

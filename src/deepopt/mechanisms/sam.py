@@ -10,16 +10,21 @@ Experimental variants (constructor arguments; BENCHMARKS.md, section 1, measures
 ASAM's scale-adaptive radius, SAM only within an LR range, and LookSAM (two passes every
 ``every``-th step, the sharpness direction reused between; :mod:`.looksam`).
 
+A ``budget`` (:mod:`.budget`) decides on which steps it runs; this class, with its knobs,
+is the experimental form (``deepopt.experimental.TwoPassSAM``).
+
 Example:
     >>> import torch, deepopt
+    >>> from deepopt.experimental import TwoPassSAM
     >>> model = torch.nn.Linear(3, 1)
-    >>> model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="thorough")
+    >>> model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                               mechanisms=[TwoPassSAM(rho=0.05)])
     >>> x = torch.ones(4, 3)
     >>> def closure():
     ...     opt.zero_grad(); loss = model(x).pow(2).mean(); loss.backward(); return loss
     >>> _ = opt.step(closure)
-    >>> opt.mechanism("sam")
-    TwoPassSAM(rho=0.05, warmup=1000, adaptive=False, lr_range=(0.0, 0.1), every=1, reuse=0.0)
+    >>> opt.mechanism("sam").two_pass_steps
+    1
 """
 
 from __future__ import annotations
@@ -81,9 +86,11 @@ class TwoPassSAM(Mechanism):
 
     @classmethod
     def from_settings(cls, settings: Any) -> TwoPassSAM | None:
-        if settings.sam_rho <= 0:
-            return None
-        return cls(settings.sam_rho, settings.sam_warmup, lr_range=(0.0, settings.sam_lr_ceiling))
+        return None  # the settings ask for SAM through a budget (BudgetSAM)
+
+    @classmethod
+    def example(cls) -> TwoPassSAM:
+        return cls(0.05)
 
     def attach(self, opt: Any) -> bool:
         # Watches the loop from the first step, so the user hears at once whether SAM will
@@ -148,16 +155,20 @@ class TwoPassSAM(Mechanism):
         from ..hooks import say
 
         self._told = True
-        low, high = self.lr_range
-        when = ("at every step" if (low, high) == (0.0, 1.0) else
-                f"while the LR is at most {high:g} of its peak" if low == 0.0 else
-                f"while the LR lies within {low:g} to {high:g} of its peak")
+        when = self.when(opt)
         if can:
             say(f"{self.label} runs on this loop without a closure ({what}; recomputed at w + e in step()), {when}.")
         else:
             say(f"{self.label} cannot run on this loop: {what}; it trains without SAM. To run it, pass "
                 "the loss as a closure: `def closure(): optimizer.zero_grad(); loss = ...; loss.backward(); "
                 "return loss` then `optimizer.step(closure)`.")
+
+    def when(self, opt: Any) -> str:
+        """On which steps it takes two passes, for the one line said at the first step."""
+        low, high = self.lr_range
+        return ("at every step" if (low, high) == (0.0, 1.0) else
+                f"while the LR is at most {high:g} of its peak" if low == 0.0 else
+                f"while the LR lies within {low:g} to {high:g} of its peak")
 
     def _sharpen(self, opt: Any, closure: Any, finite: Any = lambda: True) -> bool:
         """Replace the gradient at ``w`` in ``.grad`` by the one at ``w + e`` (``closure``
@@ -218,7 +229,7 @@ class TwoPassSAM(Mechanism):
 
     @property
     def label(self) -> str:
-        return f"two-pass SAM (sam_rho={self.rho})"
+        return f"two-pass SAM (rho={self.rho})"
 
     def __repr__(self) -> str:
         return (f"TwoPassSAM(rho={self.rho}, warmup={self.warmup}, adaptive={self.adaptive}, "

@@ -1,0 +1,92 @@
+"""A compute budget spent on two-pass SAM late in training: ``activate(..., budget=1.5)``.
+
+``budget`` is the most compute deepopt may spend relative to the classical run. A SAM step
+costs about two plain ones, so a budget ``b`` buys two passes on a fraction ``f = b - 1``
+of the steps. Where they go (Zhou et al., ICLR 2025: SAM in the last part of training
+finds the flat minima SAM throughout does; BENCHMARKS.md, section 4, measures it):
+
+* the run announces its end (``optimizer.total_steps``, or a scheduler with a length,
+  :mod:`deepopt.horizon`): the last ``f`` of the run;
+* budget 2: every step;
+* it does not (step drops, a plateau scheduler, a hand-set LR): every step once the LR has
+  fallen to a tenth of its peak, which finds the drops of a ``MultiStepLR``; none at a
+  constant LR.
+
+Either way a step takes two passes only if the two-pass steps, this one included, stay
+within ``f`` times the steps, so the cost stays within the budget at every point of the run,
+whatever its length. The radius is Foret et al.'s CIFAR value, ramped over the first 1,000
+steps as the ``thorough`` recipe's always was.
+
+Example:
+    >>> import torch, deepopt
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> model, opt = deepopt.activate(model, opt, budget=1.5)
+    >>> opt.mechanism("sam")
+    BudgetSAM(budget=1.5, rho=0.05, warmup=1000)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..horizon import Horizon
+from .sam import TwoPassSAM
+
+__all__ = ["BudgetSAM"]
+
+#: Where no end is announced, two passes once the LR is at most this fraction of its peak.
+LOW_LR = 0.1
+
+
+class BudgetSAM(TwoPassSAM):
+    """Two-pass SAM on the last ``budget - 1`` of the run (see the module docstring).
+
+    Args:
+        budget: the most compute relative to the classical run, in ``(1, 2]``.
+        rho: the SAM radius. warmup: steps over which the radius ramps up from 0.
+    """
+
+    def __init__(self, budget: float, rho: float = 0.05, warmup: int = 1000) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1.0 < budget <= 2.0:
+            raise ValueError(f"budget={budget!r} is invalid: BudgetSAM needs a number in (1, 2].")
+        super().__init__(rho, warmup, lr_range=(0.0, LOW_LR))
+        self.budget = float(budget)
+        self.horizon = Horizon()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BudgetSAM | None:
+        return cls(settings.budget) if settings.budget > 1.0 else None
+
+    @classmethod
+    def example(cls) -> BudgetSAM:
+        return cls(2.0, warmup=0)
+
+    def in_window(self, opt: Any) -> bool:
+        """Whether this step takes two passes (the module docstring says when)."""
+        share = self.budget - 1.0
+        if self.two_pass_steps + 1 > share * (opt.steps + 1) + 1e-9:
+            return False  # the cost so far would pass the budget
+        if share >= 1.0:
+            return True  # budget 2: every step
+        done = self.horizon.progress(opt, opt.steps, getattr(opt, "total_steps", None))
+        if done is None:
+            return super().in_window(opt)
+        return done >= 1.0 - share - 1e-9
+
+    def when(self, opt: Any) -> str:
+        done = self.horizon.progress(opt, opt.steps, getattr(opt, "total_steps", None))
+        share = f"{self.budget - 1.0:.0%}"
+        if self.budget >= 2.0:
+            return "at every step"
+        if done is not None:
+            return f"on the last {share} of the run (its length is announced)"
+        return (f"once the LR has fallen to {LOW_LR:g} of its peak, on at most {share} of the steps "
+                "(no scheduler announces the run's length)")
+
+    @property
+    def label(self) -> str:
+        return f"budget={self.budget:g} (two-pass SAM, rho {self.rho:g})"
+
+    def __repr__(self) -> str:
+        return f"BudgetSAM(budget={self.budget:g}, rho={self.rho:g}, warmup={self.warmup})"

@@ -887,6 +887,8 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
     if not math.isfinite(train_loss[-1]):
         print(f"  {setup.name} seed {seed} {mode}: training loss {train_loss[-1]}", file=sys.stderr)
     resolved = None if kwargs is None else _resolved(kwargs)
+    sam = opt.mechanism("sam") if hasattr(opt, "mechanism") else None
+    two_pass = getattr(sam, "two_pass_steps", 0)  # steps that took SAM's second pass
     rows = []
     for name in curves:
         settings = (observers[name][1] if name in obs else (_activate_kwargs(mode)[0] or {}))
@@ -901,6 +903,7 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
             "torch": torch.__version__, "stretch": stretch_of(mode),
             "cpu_sec_per_step": (cpu_seconds + obs_seconds.get(name, 0.0)) / steps,
             "higher_is_better": higher_is_better(setup.task),
+            "two_pass_share": two_pass / steps if name == mode else 0.0,
         }
         for split in ("val", "test"):
             rows.append({**row, "split": split, "final": curves[name][split][-1], "per_epoch": curves[name][split]})
@@ -954,6 +957,29 @@ def measure_cost(setup: Setup, mode: str, data: dict[str, Tensor], steps: int = 
             "resolved": None if kwargs is None else _resolved(kwargs), "torch": torch.__version__}
 
 
+def budget_cost(setup: Setup, mode: str, budget: float, data: dict[str, Tensor], prices: dict[str, dict]) -> dict:
+    """The cost of ``deepopt:{"budget": b}`` against classical from two timed step prices.
+
+    A budget run takes SAM's second pass on a share of its steps chosen as it goes (the last
+    ``b - 1`` of a run that announces its length, else the low-LR tail, never more than
+    ``b - 1``): a block median of its first steps would miss them. So the one-pass step
+    (``deepopt``, budget 1) and the two-pass step (budget 2: every step) are each timed
+    against classical in alternating blocks (:func:`measure_cost`), and the row's ``ratio``
+    is the cost of spending the budget in full, ``(2 - b) * one + (b - 1) * two``; a run's
+    own cost is ``(1 - s) * one + s * two`` with ``s`` its ``two_pass_share`` (in its rows).
+    """
+    for key, m in (("one", "deepopt"), ("two", 'deepopt:{"budget": 2}')):
+        if key not in prices:
+            prices[key] = measure_cost(setup, m, data)
+    one, two = prices["one"]["ratio"], prices["two"]["ratio"]
+    share = budget - 1.0
+    return {"setup": setup.name, "mode": mode, "ms_per_step_classical": prices["one"]["ms_per_step_classical"],
+            "ms_per_step": prices["one"]["ms_per_step"] * (1 - share) + prices["two"]["ms_per_step"] * share,
+            "ratio": (1 - share) * one + share * two, "ratio_one_pass": one, "ratio_two_pass": two,
+            "budget": budget, "steps": prices["one"]["steps"], "threads": torch.get_num_threads(),
+            "resolved": _resolved(_activate_kwargs(mode)[0] or {}), "torch": torch.__version__}
+
+
 def _experimental(kwargs: dict) -> list:
     """The mechanisms of a mode's ``"experimental"`` entry: ``[{"class": "SwitchAverage", **args}]``."""
     import deepopt.experimental as experimental
@@ -979,8 +1005,9 @@ def _resolved(kwargs: dict) -> dict:
     """What the recipe of ``deepopt.activate(**kwargs)`` meant when this ran (recipes change)."""
     from deepopt.recipes import resolve
 
-    overrides = {k: v for k, v in _activation(kwargs).items() if k not in ("recipe", "mechanisms")}
-    return resolve(kwargs.get("recipe", "default"), overrides).as_dict()
+    kw = _activation(kwargs)  # knobs that left the settings: a mechanism, maybe another recipe
+    overrides = {k: v for k, v in kw.items() if k not in ("recipe", "mechanisms")}
+    return resolve(kw.get("recipe", "default"), overrides).as_dict()
 
 
 # -- runner ----------------------------------------------------------------------------
@@ -1094,7 +1121,8 @@ def _cost_main(args: argparse.Namespace) -> int:
     if out.is_file():
         done = {(r["setup"], r["mode"]) for r in map(json.loads, out.read_text().splitlines())}
     for setup in (SETUPS[s] for s in args.setups):
-        for mode in (m for m in args.modes if m != "classical"):
+        prices: dict[str, dict] = {}  # a setup's one- and two-pass step prices, timed once
+        for mode in (m for m in args.modes if not m.startswith("classical")):  # classical-x{b}: b
             if (setup.name, mode) in done:
                 continue
             try:
@@ -1102,7 +1130,11 @@ def _cost_main(args: argparse.Namespace) -> int:
             except FileNotFoundError as e:
                 print(f"python -m benchmarks zoo: skipping {setup.name}: {e}", file=sys.stderr)
                 break
-            row = measure_cost(setup, mode, data)
+            budget = float((_activate_kwargs(mode)[0] or {}).get("budget", 1.0))
+            if budget > 1.0:
+                row = budget_cost(setup, mode, budget, data, prices)
+            else:
+                row = measure_cost(setup, mode, data)
             append_row(out, row)
             print(f"cost {setup.name} {mode}: {row['ratio']:.2f}x "
                   f"({row['ms_per_step_classical']:.2f} -> {row['ms_per_step']:.2f} ms/step)", flush=True)

@@ -107,3 +107,12 @@ def test_the_frontier_picks_classical_on_validation_and_signs_a_lower_is_better_
     png = frontier.frontier_plot(rows, tmp_path / "frontier.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert frontier.mode_point(json.dumps("x")) is None and frontier.mode_point('deepopt:{"rho": 1}') is None
+
+
+def test_a_budget_run_takes_its_second_pass_on_the_last_share_of_an_announced_run(data):
+    # TINY's cosine announces the run's length: budget 1.5 takes two passes on the last half
+    half = zoo.run_setup(TINY, 0, 'deepopt:{"budget": 1.5}', data)[0]
+    assert half["two_pass_share"] == pytest.approx(0.5, abs=0.04) and half["resolved"]["budget"] == 1.5
+    flat = dataclasses.replace(TINY, schedule="none")  # a constant LR announces nothing: no SAM step
+    assert zoo.run_setup(flat, 0, 'deepopt:{"budget": 1.5}', data)[0]["two_pass_share"] == 0.0
+    assert zoo.run_setup(flat, 0, 'deepopt:{"budget": 2}', data)[0]["two_pass_share"] == 1.0

@@ -35,7 +35,11 @@ from pathlib import Path
 from .stats import interval
 
 __all__ = ["BUDGETS", "mode_point", "index", "costs", "choose_classical", "frontier_gains", "summary_table",
-           "setup_table", "frontier_plot"]
+           "setup_table", "announced_table", "read_prices", "frontier_plot"]
+
+#: The kind of a budget run whose loop announces its length (``optimizer.total_steps``).
+ANNOUNCED = "deepopt, length announced"
+ANNOUNCE = "announce_length"
 
 #: The budgets compared (``1`` is the default recipe at classical's epochs).
 BUDGETS = (1.25, 1.5, 2.0)
@@ -59,6 +63,8 @@ def mode_point(mode: str) -> tuple[str, float] | None:
             return None
         if set(kwargs) == {"budget"}:
             return "deepopt", float(kwargs["budget"])
+        if set(kwargs) <= {"budget", ANNOUNCE} and kwargs.get(ANNOUNCE):  # the loop announces its length
+            return ANNOUNCED, float(kwargs.get("budget", 1.0))
     return None
 
 
@@ -113,13 +119,13 @@ def _paired(idx: dict, a: tuple, ref: tuple, split: str = "test") -> list[float]
     return out
 
 
-def frontier_gains(rows: list[dict], b: float) -> dict[str, dict]:
+def frontier_gains(rows: list[dict], b: float, kind: str = "deepopt") -> dict[str, dict]:
     """Per setup with deepopt at ``budget=b``: paired test gains vs classical x1 and vs the
     better (on validation) of x1 and x b, the chosen stretch, and the measured costs."""
     idx = index(rows)
     out = {}
     for setup in dict.fromkeys(r["setup"] for r in rows):
-        if not idx.get((setup, "deepopt", b)) or not idx.get((setup, "classical", 1.0)):
+        if not idx.get((setup, kind, b)) or not idx.get((setup, "classical", 1.0)):
             continue
         chosen = choose_classical(idx, setup, b)
         first = next(iter(idx[(setup, "classical", 1.0)].values()))["test"]
@@ -127,12 +133,12 @@ def frontier_gains(rows: list[dict], b: float) -> dict[str, dict]:
             "family": first["family"], "task": first["task"], "points": _better(first) > 0,
             "classical": _mean(idx, (setup, "classical", 1.0), "test"),
             "stretched": _mean(idx, (setup, "classical", b), "test"),
-            "deepopt": _mean(idx, (setup, "deepopt", b), "test"),
+            "deepopt": _mean(idx, (setup, kind, b), "test"),
             "chosen": chosen,
-            "vs_x1": _paired(idx, (setup, "deepopt", b), (setup, "classical", 1.0)),
-            "vs_best": _paired(idx, (setup, "deepopt", b), (setup, "classical", chosen)),
+            "vs_x1": _paired(idx, (setup, kind, b), (setup, "classical", 1.0)),
+            "vs_best": _paired(idx, (setup, kind, b), (setup, "classical", chosen)),
             "stretch_gain": _paired(idx, (setup, "classical", b), (setup, "classical", 1.0)),
-            "cost": costs(idx, setup, "deepopt", b), "cost_stretched": costs(idx, setup, "classical", b),
+            "cost": costs(idx, setup, kind, b), "cost_stretched": costs(idx, setup, "classical", b),
         }
     return out
 
@@ -149,7 +155,7 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x" if values else ""
 
 
-def summary_table(rows: list[dict], block_costs: dict[tuple[str, str], float] | None = None) -> str:
+def summary_table(rows: list[dict]) -> str:
     """Per budget: mean gain over setups (in points) vs classical x1 and vs the better of
     x1 and x b (chosen on validation), setups won/lost, the measured costs."""
     out = ["| deepopt budget | setups (seeds) | vs classical x1, equal epochs | vs better of x1 / x b "
@@ -173,42 +179,72 @@ def summary_table(rows: list[dict], block_costs: dict[tuple[str, str], float] | 
     return "\n".join(out)
 
 
-def setup_table(rows: list[dict], b: float, block_costs: dict[tuple[str, str], float] | None = None) -> str:
-    """Per setup at budget ``b``: test means, the paired gains (95% interval over seeds) and costs."""
+def setup_table(rows: list[dict], b: float, prices: dict[str, dict[str, float]] | None = None) -> str:
+    """Per setup at budget ``b``: test means, the paired gains (95% interval over seeds) and costs.
+
+    The cost of deepopt's run is given twice: its training CPU time over classical x1's on
+    the same seed (median over seeds), and from the step prices timed in alternating blocks
+    (``prices``, :func:`read_prices`) as ``(1 - s) * one-pass + s * two-pass``, ``s`` the
+    share of its steps that took SAM's second pass (mean over seeds).
+    """
     per = frontier_gains(rows, b)
+    share = _shares(rows, b)
     head = (f"| setup | metric | classical x1 | classical x{b:g} | deepopt budget {b:g} | vs x1 (equal epochs) | "
-            f"better of x1 / x{b:g} on val | vs that one | cost deepopt (run / per step) | cost classical x{b:g} |")
-    out = [head, "|" + "---|" * 10]
+            f"better of x1 / x{b:g} on val | vs that one | SAM share of steps | cost deepopt: run / timed steps "
+            f"| cost classical x{b:g} |")
+    out = [head, "|" + "---|" * 11]
     for setup, g in per.items():
         lm = not g["points"]
         unit, digits = ("bits/char", 3) if lm else ("R² %" if g["task"] == "regression" else "acc %", 2)
-        step = (block_costs or {}).get((setup, _budget_mode(b)))
+        price = (prices or {}).get(setup)
+        s = share.get(setup)
+        timed = "" if price is None or s is None else f" / {(1 - s) * price['one'] + s * price['two']:.2f}x"
 
         def val(x: float | None, digits: int = digits) -> str:
             return "" if x is None else f"{x:.{digits}f}"
 
         out.append(f"| {setup} | {unit}{' (lower better)' if lm else ''} | {val(g['classical'])} | "
                    f"{val(g['stretched'])} | {val(g['deepopt'])} | {_fmt(g['vs_x1'], digits)} | "
-                   f"x{g['chosen']:g} | {_fmt(g['vs_best'], digits)} | {_median(g['cost'])}"
-                   f"{'' if step is None else f' / {step:.2f}x'} | {_median(g['cost_stretched'])} |")
+                   f"x{g['chosen']:g} | {_fmt(g['vs_best'], digits)} | {'' if s is None else f'{s:.0%}'} | "
+                   f"{_median(g['cost'])}{timed} | {_median(g['cost_stretched'])} |")
     return "\n".join(out)
 
 
-def _budget_mode(b: float) -> str:
-    return "deepopt" if b == 1 else 'deepopt:{"budget": ' + f"{b:g}" + "}"
+def _shares(rows: list[dict], b: float, kind: str = "deepopt") -> dict[str, float]:
+    """Per setup, the mean share of deepopt's steps at budget ``b`` that took two passes."""
+    idx = index(rows)
+    return {setup: statistics.fmean(r["test"].get("two_pass_share", 0.0) for r in runs.values() if "test" in r)
+            for (setup, k, bb), runs in idx.items() if k == kind and bb == b and runs}
 
 
-def read_block_costs(path: Path) -> dict[tuple[str, str], float]:
-    """``(setup, mode) -> ratio`` of ``python -m benchmarks zoo --cost`` rows (per-step CPU time
-    in alternating blocks, against classical); modes keyed by their frontier point."""
-    out = {}
+def announced_table(rows: list[dict]) -> str:
+    """Where the loop also announces its length (``optimizer.total_steps``): per setup and
+    budget, the SAM share and the gain vs the better of classical x1 and x b, beside the
+    loop as written."""
+    out = ["| setup | budget | SAM share: as written / announced | vs better of x1 / x b: as written | "
+           "announced | cost: as written / announced |", "|---|---|---|---|---|---|"]
+    for b in BUDGETS:
+        plain, told = frontier_gains(rows, b), frontier_gains(rows, b, ANNOUNCED)
+        s_plain, s_told = _shares(rows, b), _shares(rows, b, ANNOUNCED)
+        for setup, g in told.items():
+            digits = 2 if g["points"] else 3
+            p = plain.get(setup, {})
+            out.append(f"| {setup} | {b:g} | {s_plain.get(setup, float('nan')):.0%} / {s_told[setup]:.0%} | "
+                       f"{_fmt(p.get('vs_best', []), digits)} | {_fmt(g['vs_best'], digits)} | "
+                       f"{_median(p.get('cost', []))} / {_median(g['cost'])} |")
+    return "\n".join(out)
+
+
+def read_prices(path: Path) -> dict[str, dict[str, float]]:
+    """Per setup, the one-pass (``deepopt``) and two-pass (budget 2) step's CPU time over
+    classical's, from ``python -m benchmarks zoo --cost`` rows (alternating blocks)."""
+    out: dict[str, dict[str, float]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                point = mode_point(r["mode"])
-                if point is not None:
-                    out[(r["setup"], _budget_mode(point[1]) if point[0] == "deepopt" else r["mode"])] = r["ratio"]
+                if "ratio_two_pass" in r:
+                    out[r["setup"]] = {"one": r["ratio_one_pass"], "two": r["ratio_two_pass"]}
     return out
 
 
@@ -228,7 +264,7 @@ def frontier_plot(rows: list[dict], out: Path) -> Path:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False)
     for ax, setup in zip(axes.flat, setups):
         first = next(iter(idx[(setup, "classical", 1.0)].values()))["test"]
-        for i, kind in enumerate(("classical", "deepopt")):
+        for i, kind in enumerate(("classical", "deepopt", ANNOUNCED)):
             points = sorted(b for (s, k, b) in idx if s == setup and k == kind)
             xs, ys, es = [], [], []
             for b in points:
@@ -241,7 +277,10 @@ def frontier_plot(rows: list[dict], out: Path) -> Path:
                 xs.append(statistics.fmean(c))
                 ys.append(m)
                 es.append(0 if h != h else h)
-            label = "classical x1, x1.25, x1.5, x2" if kind == "classical" else "deepopt budget 1, 1.25, 1.5, 2"
+            label = {"classical": "classical x1, x1.25, x1.5, x2", "deepopt": "deepopt budget 1, 1.25, 1.5, 2",
+                     ANNOUNCED: "deepopt budget 1.25, 1.5, 2, the loop announcing its length"}[kind]
+            if not xs:
+                continue
             ax.errorbar(xs, ys, yerr=es, fmt="-o", color=f"C{i}", ms=4, capsize=2, lw=1.2, label=label)
         unit = "bits/char (lower better)" if not _better(first) > 0 else (
             "R² %" if first["task"] == "regression" else "accuracy %")
@@ -252,8 +291,11 @@ def frontier_plot(rows: list[dict], out: Path) -> Path:
         ax.grid(lw=0.3, alpha=0.5)
     for ax in list(axes.flat)[len(setups):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    legend = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Compute frontier: classical trained longer vs deepopt's budget (test split, mean ± 95% CI over seeds)",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))

@@ -825,6 +825,8 @@ def run_setup(setup: Setup, seed: int, mode: str, data: dict[str, Tensor],
     opt = base
     if kwargs is not None:
         model, opt = deepopt.activate(model, base, **_activation(kwargs))
+        if kwargs.get(ANNOUNCE):
+            opt.total_steps = steps
     observers = (observers or {}) if mode == "classical" else {}
     obs = {name: make(model, per_epoch) for name, (make, _) in observers.items()}
     with torch.random.fork_rng():  # the scratch net's init must not move the RNG of dropout
@@ -994,9 +996,14 @@ def _experimental(kwargs: dict) -> list:
     return out
 
 
+#: A mode key of the zoo's own (not a setting): the loop tells deepopt the run's length in
+#: steps (``optimizer.total_steps = steps``), as the Lightning and Trainer callbacks do.
+ANNOUNCE = "announce_length"
+
+
 def _activation(kwargs: dict) -> dict:
     """``deepopt.activate`` keyword arguments of a mode's settings (0.1 knobs and experimental classes)."""
-    kw = legacy_kwargs({k: v for k, v in kwargs.items() if k != "experimental"})
+    kw = legacy_kwargs({k: v for k, v in kwargs.items() if k not in ("experimental", ANNOUNCE)})
     extra = _experimental(kwargs)
     return {**kw, "mechanisms": [*kw.get("mechanisms", []), *extra]} if extra else kw
 

@@ -116,3 +116,6 @@ def test_a_budget_run_takes_its_second_pass_on_the_last_share_of_an_announced_ru
     flat = dataclasses.replace(TINY, schedule="none")  # a constant LR announces nothing: no SAM step
     assert zoo.run_setup(flat, 0, 'deepopt:{"budget": 1.5}', data)[0]["two_pass_share"] == 0.0
     assert zoo.run_setup(flat, 0, 'deepopt:{"budget": 2}', data)[0]["two_pass_share"] == 1.0
+    told = 'deepopt:{"budget": 1.5, "announce_length": true}'  # the loop sets optimizer.total_steps
+    assert zoo.run_setup(flat, 0, told, data)[0]["two_pass_share"] == pytest.approx(0.5, abs=0.04)
+    assert frontier.mode_point(told) == (frontier.ANNOUNCED, 1.5)

@@ -266,7 +266,7 @@ def frontier_plot(rows: list[dict], out: Path) -> Path:
         first = next(iter(idx[(setup, "classical", 1.0)].values()))["test"]
         for i, kind in enumerate(("classical", "deepopt", ANNOUNCED)):
             points = sorted(b for (s, k, b) in idx if s == setup and k == kind)
-            xs, ys, es = [], [], []
+            xs, ys, es, bs = [], [], [], []
             for b in points:
                 runs = idx[(setup, kind, b)]
                 c = costs(idx, setup, kind, b)
@@ -277,11 +277,15 @@ def frontier_plot(rows: list[dict], out: Path) -> Path:
                 xs.append(statistics.fmean(c))
                 ys.append(m)
                 es.append(0 if h != h else h)
+                bs.append(b)
             label = {"classical": "classical x1, x1.25, x1.5, x2", "deepopt": "deepopt budget 1, 1.25, 1.5, 2",
                      ANNOUNCED: "deepopt budget 1.25, 1.5, 2, the loop announcing its length"}[kind]
             if not xs:
                 continue
             ax.errorbar(xs, ys, yerr=es, fmt="-o", color=f"C{i}", ms=4, capsize=2, lw=1.2, label=label)
+            for x, y, b in zip(xs, ys, bs):  # x1.5 (classical) or b1.5 (deepopt) beside each point
+                ax.annotate(f"{'x' if kind == 'classical' else 'b'}{b:g}", (x, y), textcoords="offset points",
+                            xytext=(3, 3 if kind == "classical" else -8), fontsize=6, color=f"C{i}")
         unit = "bits/char (lower better)" if not _better(first) > 0 else (
             "R² %" if first["task"] == "regression" else "accuracy %")
         ax.set_title(f"{family[setup]}\n{setup}", fontsize=8)

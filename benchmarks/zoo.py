@@ -19,10 +19,17 @@ split:
   are bit-identical by construction, so each is paired with classical exactly, and its
   ``sec_per_step`` is the classical step plus its own measured update;
 * modes that change training (``deepopt`` through :func:`deepopt.activate`, the exact
-  SAM peer) are runs of their own, on the same seed and data order.
+  SAM peer, ``deepopt:{"budget": 1.5}``) are runs of their own, on the same seed and data
+  order;
+* ``classical-x{b}`` (``b >= 1``): classical with its step budget multiplied by ``b`` and its
+  schedule stretched to the new length (:func:`stretched_budget`), the user's alternative
+  to spending ``b`` times the compute on deepopt (BENCHMARKS.md, section 4.1).
 
 The metric is higher-is-better in points: accuracy in % for classification, and
-``R^2`` in % (100 (1 - MSE / variance of the targets)) for regression.
+``R^2`` in % (100 (1 - MSE / variance of the targets)) for regression; the language model
+(``task="lm"``) is scored in bits per character, lower is better (each row says which in
+``higher_is_better``). The setups marked ``headroom`` (still improving at the end of their
+budget) are run by name only.
 
 Example (shell)::
 

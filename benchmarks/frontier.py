@@ -155,12 +155,13 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x" if values else ""
 
 
-def summary_table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict], prices: dict[str, dict[str, float]] | None = None) -> str:
     """Per budget: mean gain over setups (in points) vs classical x1 and vs the better of
-    x1 and x b (chosen on validation), setups won/lost, the measured costs."""
+    x1 and x b (chosen on validation), setups won/lost, the measured costs (median over
+    setups: of the runs' CPU time, and from the timed step prices, :func:`setup_table`)."""
     out = ["| deepopt budget | setups (seeds) | vs classical x1, equal epochs | vs better of x1 / x b "
-           "(chosen on val) | won ▲ / lost ▼ vs better | classical x b vs x1 | measured cost: deepopt "
-           "| classical x b |", "|---|---|---|---|---|---|---|---|"]
+           "(chosen on val) | won ▲ / lost ▼ vs better | classical x b vs x1 | cost deepopt: runs / timed steps "
+           "| cost classical x b (runs) |", "|---|---|---|---|---|---|---|---|"]
     for b in (1.0, *BUDGETS):
         per = {s: g for s, g in frontier_gains(rows, b).items() if g["points"] and g["vs_x1"]}
         if not per:
@@ -171,12 +172,24 @@ def summary_table(rows: list[dict]) -> str:
         stretch = [statistics.fmean(g["stretch_gain"]) for g in per.values() if g["stretch_gain"]]
         won = sum(interval(g["vs_best"])[0] - interval(g["vs_best"])[1] > 0 for g in per.values() if g["vs_best"])
         lost = sum(interval(g["vs_best"])[0] + interval(g["vs_best"])[1] < 0 for g in per.values() if g["vs_best"])
-        cost = [c for g in per.values() for c in g["cost"]]
-        cost_s = [c for g in per.values() for c in g["cost_stretched"]]
+        cost = [statistics.median(g["cost"]) for g in per.values() if g["cost"]]
+        cost_s = [statistics.median(g["cost_stretched"]) for g in per.values() if g["cost_stretched"]]
+        shares = _shares(rows, b)
+        timed = [_timed(prices, setup, shares.get(setup)) for setup in per]
+        timed = [t for t in timed if t is not None]
         out.append(f"| {b:g} | {len(per)} ({'-'.join(map(str, seeds))}) | {_fmt(vs_x1)} | "
                    f"{_fmt(vs_best) if b > 1 else ''} | {f'{won} / {lost}' if b > 1 else ''} | "
-                   f"{_fmt(stretch) if b > 1 else ''} | {_median(cost)} | {_median(cost_s) if b > 1 else ''} |")
+                   f"{_fmt(stretch) if b > 1 else ''} | {_median(cost)}{f' / {_median(timed)}' if timed else ''} | "
+                   f"{_median(cost_s) if b > 1 else ''} |")
     return "\n".join(out)
+
+
+def _timed(prices: dict[str, dict[str, float]] | None, setup: str, share: float | None) -> float | None:
+    """A run's cost from the timed step prices: ``(1 - s) * one-pass + s * two-pass``."""
+    price = (prices or {}).get(setup)
+    if price is None or share is None:
+        return None
+    return (1 - share) * price["one"] + share * price["two"]
 
 
 def setup_table(rows: list[dict], b: float, prices: dict[str, dict[str, float]] | None = None) -> str:
@@ -196,9 +209,9 @@ def setup_table(rows: list[dict], b: float, prices: dict[str, dict[str, float]] 
     for setup, g in per.items():
         lm = not g["points"]
         unit, digits = ("bits/char", 3) if lm else ("R² %" if g["task"] == "regression" else "acc %", 2)
-        price = (prices or {}).get(setup)
         s = share.get(setup)
-        timed = "" if price is None or s is None else f" / {(1 - s) * price['one'] + s * price['two']:.2f}x"
+        t = _timed(prices, setup, s)
+        timed = "" if t is None else f" / {t:.2f}x"
 
         def val(x: float | None, digits: int = digits) -> str:
             return "" if x is None else f"{x:.{digits}f}"
@@ -217,12 +230,12 @@ def _shares(rows: list[dict], b: float, kind: str = "deepopt") -> dict[str, floa
             for (setup, k, bb), runs in idx.items() if k == kind and bb == b and runs}
 
 
-def announced_table(rows: list[dict]) -> str:
+def announced_table(rows: list[dict], prices: dict[str, dict[str, float]] | None = None) -> str:
     """Where the loop also announces its length (``optimizer.total_steps``): per setup and
     budget, the SAM share and the gain vs the better of classical x1 and x b, beside the
     loop as written."""
     out = ["| setup | budget | SAM share: as written / announced | vs better of x1 / x b: as written | "
-           "announced | cost: as written / announced |", "|---|---|---|---|---|---|"]
+           "announced | cost from timed steps: as written / announced |", "|---|---|---|---|---|---|"]
     for b in BUDGETS:
         plain, told = frontier_gains(rows, b), frontier_gains(rows, b, ANNOUNCED)
         s_plain, s_told = _shares(rows, b), _shares(rows, b, ANNOUNCED)
@@ -231,8 +244,15 @@ def announced_table(rows: list[dict]) -> str:
             p = plain.get(setup, {})
             out.append(f"| {setup} | {b:g} | {s_plain.get(setup, float('nan')):.0%} / {s_told[setup]:.0%} | "
                        f"{_fmt(p.get('vs_best', []), digits)} | {_fmt(g['vs_best'], digits)} | "
-                       f"{_median(p.get('cost', []))} / {_median(g['cost'])} |")
+                       f"{_cost_cell(prices, setup, s_plain.get(setup), p.get('cost', []))} / "
+                       f"{_cost_cell(prices, setup, s_told.get(setup), g['cost'])} |")
     return "\n".join(out)
+
+
+def _cost_cell(prices: dict | None, setup: str, share: float | None, runs: list[float]) -> str:
+    """The timed cost where the step prices are known, else the runs' (marked ``run``)."""
+    t = _timed(prices, setup, share)
+    return f"{t:.2f}x" if t is not None else (f"{_median(runs)} run" if runs else "")
 
 
 def read_prices(path: Path) -> dict[str, dict[str, float]]:

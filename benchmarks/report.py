@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             from . import frontier
 
             prices = frontier.read_prices(path.with_name(f"{stem}-cost.jsonl"))
-            text = put(text, "zoo-frontier", frontier.summary_table(rows))
+            text = put(text, "zoo-frontier", frontier.summary_table(rows, prices))
             for b in frontier.BUDGETS:
                 text = put(text, f"zoo-frontier-x{b:g}", frontier.setup_table(rows, b, prices))
             if any(frontier.mode_point(r["mode"]) == (frontier.ANNOUNCED, 1.5) for r in rows):
-                text = put(text, "zoo-frontier-announced", frontier.announced_table(rows))
+                text = put(text, "zoo-frontier-announced", frontier.announced_table(rows, prices))
             # the picture sits beside its rows (benchmarks/results/budget/frontier.png)
             png = frontier.frontier_plot(rows, path.with_name("frontier.png")) if args.plots else "no plot"
             plotted += [png] if args.plots else []

@@ -611,7 +611,8 @@ def _activate_kwargs(mode: str) -> tuple[dict | None, bool]:
         return {"recipe": "safe", "sam_rho": 0.05}, True
     if mode.startswith("deepopt:"):  # e.g. deepopt:{"average": "ema"}
         kwargs = json.loads(mode.split(":", 1)[1])
-        closure = _resolved(kwargs)["sam_rho"] > 0 or any(m.needs_closure for m in _experimental(kwargs))
+        closure = _resolved(kwargs)["budget"] > 1 or any(m.needs_closure for m in _activation(kwargs).get(
+            "mechanisms", []))
         return kwargs, closure
     raise ValueError(f"mode {mode!r} is unknown: classical, deepopt, peer-sam or deepopt:{{json overrides}}")
 
@@ -776,8 +777,9 @@ def _resolved(kwargs: dict) -> dict:
     """What the recipe of ``deepopt.activate(**kwargs)`` meant when this ran (recipes change)."""
     from deepopt.recipes import resolve
 
-    overrides = {k: v for k, v in _activation(kwargs).items() if k not in ("recipe", "mechanisms")}
-    return resolve(kwargs.get("recipe", "default"), overrides).as_dict()
+    kw = _activation(kwargs)  # a 0.1-era thorough with SAM knobs is the default + TwoPassSAM now
+    overrides = {k: v for k, v in kw.items() if k not in ("recipe", "mechanisms")}
+    return resolve(kw.get("recipe", "default"), overrides).as_dict()
 
 
 # -- runner ----------------------------------------------------------------------------

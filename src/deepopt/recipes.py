@@ -25,8 +25,8 @@ class Settings:
         rho: radius of the momentum-direction perturbation (Momentum-SAM, zero extra
             passes): each training forward runs at ``w - rho * m / ||m||``; 0 turns it off.
         budget: the most compute deepopt may spend, relative to the classical run, in
-            ``[1, 2]``: ``b > 1`` buys exact two-pass SAM (Foret et al.) on a share ``b - 1``
-            of the steps, the last ones where the run announces its length, else those after
+            ``[1, 2.25]``: ``b > 1`` buys exact two-pass SAM (Foret et al.) on a share
+            ``(b - 1) / 1.25`` of the steps (a two-pass step costs up to 2.25 plain ones), the last ones where the run announces its length, else those after
             the LR has fallen to a tenth of its peak (:mod:`deepopt.mechanisms.budget`). It
             needs ``step(closure)`` or a loop deepopt can replay (:mod:`deepopt.replay`);
             elsewhere it says so once and trains as at 1.0.
@@ -93,9 +93,9 @@ class Settings:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
         if self.rho < 0:
             raise ValueError(f"rho={self.rho!r} is invalid: it must be a number >= 0 (0 turns it off).")
-        if not 1.0 <= self.budget <= 2.0:
-            raise ValueError(f"budget={self.budget!r} is invalid: it must lie in [1, 2], e.g. 1.5 (1: no extra "
-                             "compute; 2: two passes on every step).")
+        if not 1.0 <= self.budget <= 2.25:
+            raise ValueError(f"budget={self.budget!r} is invalid: it must lie in [1, 2.25], e.g. 1.5 (1: no "
+                             "extra compute; 2.25: two passes on every step).")
         # Step counts: integers (not bools, not floats) at or above their smallest value.
         for name, low, note in (("average_every", 1, ""),
                                  ("average_samples", 0, " (0 = every average_every steps)"), ("max_skips", 1, "")):

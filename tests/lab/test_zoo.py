@@ -102,7 +102,9 @@ def test_a_mode_names_experimental_classes_and_takes_a_closure_when_sam_is_on():
     kwargs, closure = zoo._activate_kwargs(periodic)
     (sam,) = zoo._activation(kwargs)["mechanisms"]
     assert closure and sam.every == 3 and sam.lr_range == (0.0, 0.1)  # the recipe's LR ceiling kept
-    assert zoo._resolved(kwargs)["sam_rho"] == 0.05  # recorded without the moved knob
+    assert zoo._resolved(kwargs)["budget"] == 1.0  # the SAM is the mechanism's, not a budget's
+    kwargs, closure = zoo._activate_kwargs('deepopt:{"budget": 1.5}')
+    assert closure and zoo._resolved(kwargs)["budget"] == 1.5
     assert zoo_report.label('deepopt:{"average_samples": 8}') == "deepopt-samples-8"
     with pytest.raises(ValueError, match="'NoSuchThing' is unknown: use one of .*SwitchAverage"):
         zoo._activate_kwargs('deepopt:{"experimental": [{"class": "NoSuchThing"}]}')

@@ -600,9 +600,8 @@ def current_settings(mode: str) -> dict | None:
     """
     if mode not in _ACTIVATIONS:
         return None
-    from deepopt.recipes import resolve
-
     from deepopt.experimental import legacy_kwargs
+    from deepopt.recipes import resolve
 
     kwargs = legacy_kwargs({k: v for k, v in _ACTIVATIONS[mode].items() if k != "closure"})
     kwargs.pop("mechanisms", None)  # not Settings: what the mode's name stands for

@@ -138,3 +138,18 @@ def test_resuming_mid_run_continues_the_same_sam_steps(tmp_path):
     assert opt.mechanism("sam").two_pass_steps == opt_b.mechanism("sam").two_pass_steps == 4
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_budget_that_found_no_step_to_spend_on_says_so_in_the_idle_line(capsys):
+    model, x, y = model_and_data()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe", budget=1.5)
+    for i in range(4):  # a constant LR and no announced end: no step late enough to spend on
+        nn.CrossEntropyLoss()(model(x[i * 16:(i + 1) * 16]), y[i * 16:(i + 1) * 16]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model(x)
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and "runs on this loop without a closure" in said[0], said
+    assert said[1].startswith("deepopt: after 4 steps this run trains and evaluates as it would without deepopt")
+    assert "budget=1.5 (two-pass SAM, rho 0.05) has taken no two-pass step so far (it runs once the LR" in said[1]

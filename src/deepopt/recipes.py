@@ -27,7 +27,7 @@ class Settings:
         budget: the most compute deepopt may spend, relative to the classical run, in
             ``[1, 2.25]``: ``b > 1`` buys exact two-pass SAM (Foret et al.) on a share
             ``(b - 1) / 1.25`` of the steps (a two-pass step costs up to 2.25 plain ones), the last ones where the run announces its length, else those after
-            the LR has fallen to a tenth of its peak (:mod:`deepopt.mechanisms.budget`). It
+            the LR has fallen to a tenth of its peak (``deepopt.mechanisms.budget``). It
             needs ``step(closure)`` or a loop deepopt can replay (:mod:`deepopt.replay`);
             elsewhere it says so once and trains as at 1.0.
         average: ``None``, ``"ema"``, ``"power"`` (power-function EMA, Karras et al. 2024:
@@ -142,7 +142,7 @@ RECIPES: dict[str, Settings] = {
     # predecessor (SAM on every step after the LR fell to a tenth, no cap: ~1.75x under the
     # seed's drops) gave +0.53/+0.80 points on nets 6/5 at 20 epochs and +1.44 on net 6 at
     # 100; against classical trained 1.25-2x longer: a tie on net 6, +0.80 on net 5
-    # (BENCHMARKS.md, section 4, which also measures budgets 1.25, 1.5 and 2).
+    # (BENCHMARKS.md, section 5, which also measures budgets 1.25, 1.5 and 2).
     "thorough": Settings(budget=1.5, dropout_match=True, average="power", average_width=0.05,
                          average_follows_lr=True, average_every=4, average_samples=8),
     # The safety nets only; stays so when the default grows (A/B of other mechanisms).

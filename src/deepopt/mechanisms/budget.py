@@ -4,7 +4,7 @@
 step costs up to :data:`TWO_PASS_COST` plain ones (2.04-2.25x measured, BENCHMARKS.md
 section 2), so a budget ``b`` buys two passes on a share ``f = (b - 1) / 1.25`` of the
 steps: 0.2 at 1.25, 0.4 at 1.5, 0.8 at 2, every step at 2.25. Where they go (Zhou et al., ICLR 2025: SAM in the last part of training
-finds the flat minima SAM throughout does; BENCHMARKS.md, section 4, measures it):
+finds the flat minima SAM throughout does; BENCHMARKS.md, section 5, measures it):
 
 * the run announces its end (``optimizer.total_steps``, or a scheduler with a length,
   :mod:`deepopt.horizon`): the last ``f`` of the run;

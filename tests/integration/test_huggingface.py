@@ -198,6 +198,7 @@ def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closu
         with_kwargs=True)
     trainer.train()
     assert callback.optimizer.mechanism("sam").two_pass_steps == STEPS
+    assert callback.optimizer.total_steps == STEPS  # max_steps: where a budget puts its SAM steps
     trained = weights(trainer.model)["train"]
 
     model = tiny_bert()

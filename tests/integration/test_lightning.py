@@ -147,6 +147,7 @@ def test_optimizer_replaced_in_the_strategy_schedulers_share_param_groups(tmp_pa
     sched = t.lr_scheduler_configs[0].scheduler
     assert sched.optimizer is opt.optimizer and sched.optimizer.param_groups is opt.param_groups
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # StepLR stepped once
+    assert opt.total_steps == t.estimated_stepping_batches > 0  # where a budget puts its SAM steps
 
 
 def test_accumulation_clipping_scheduler_and_bf16_mixed_equal_the_plain_loop(tmp_path):

@@ -191,6 +191,13 @@ def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closu
     """The Trainer passes no closure: deepopt replays the model's own loss (``out.loss``), with
     the Trainer's clipping, bit for bit as a hand-written ``step(closure)`` loop on the same batches."""
     callback = DeepOpt(**SAM_EVERY_STEP)
+    begin = callback.on_train_begin
+
+    def full_radius(*args, **kwargs):  # no ramp: SAM's radius (and any rounding in it) shows in 6 steps
+        begin(*args, **kwargs)
+        callback.optimizer.mechanism("sam").warmup = 0
+
+    callback.on_train_begin = full_radius
     trainer = make_trainer(tmp_path, callbacks=[callback], max_grad_norm=1.0)
     batches: list[dict] = []
     trainer.model.register_forward_pre_hook(
@@ -213,6 +220,7 @@ def test_thorough_runs_sam_on_a_model_that_returns_its_loss_as_an_explicit_closu
     assert [id(q) for g in groups for q in g["params"]] != [id(q) for q in model.parameters()]  # another order
     opt = type(base)(groups, lr=5e-3, fused=base.defaults["fused"])
     model, opt = deepopt.activate(model, opt, **SAM_EVERY_STEP)
+    opt.mechanism("sam").warmup = 0
     schedule = transformers.get_linear_schedule_with_warmup(opt, 0, STEPS)
     model.train()
     for batch in batches[::2]:  # each step's first pass (the second is the replay's)

@@ -166,6 +166,7 @@ def sam_loop(epochs: int, accumulate: int, clip: float) -> nn.Module:
     micro-batches (each loss divided by ``accumulate``), then clips, at ``w`` and at ``w + e``."""
     module = Net()
     model, opt = deepopt.activate(module.net, module.configure_optimizers(), **SAM_EVERY_STEP)
+    opt.mechanism("sam").warmup = 0
     batches = list(loader())[:BATCHES]
     for _ in range(epochs):
         model.train()
@@ -187,6 +188,13 @@ def test_thorough_with_accumulation_and_clipping_equals_a_hand_written_sam_loop(
     # Lightning's closure holds only the last micro-batch of a step; SAM's pass at w + e
     # must see them all (the callback runs the earlier ones) and be clipped like the first.
     module, callback = Net(), DeepOpt(**SAM_EVERY_STEP)
+    fit_start = callback.on_fit_start
+
+    def full_radius(*args):  # no ramp: SAM's radius shows in 8 steps
+        fit_start(*args)
+        callback.optimizer.mechanism("sam").warmup = 0
+
+    callback.on_fit_start = full_radius
     trainer(tmp_path, epochs=2, callbacks=[callback], accumulate_grad_batches=accumulate,
             gradient_clip_val=0.05).fit(module, loader())
     opt = callback.optimizer

@@ -24,7 +24,7 @@ from deepopt import cli, replay
 CLIENTS = Path(__file__).parent / "clients"
 GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
 NO_GUARD_ON_CLOSURE = "the divergence guard does not act on SGD.step(closure) under deepopt run"
-NO_SAM = "budget=2.25 does not act on SGD.step(closure) under deepopt run"
+NO_SAM = "budget=2.25 (two-pass SAM, rho 0.05) does not act on SGD.step(closure) under deepopt run"
 IDLE = "after 15 steps this run trains and evaluates as it would without deepopt"
 # budget 2.25: two passes on every step, so a few steps show whether SAM ran.
 SAM_FLAGS = ("--recipe", "thorough", "--set", "budget=2.25")

@@ -48,7 +48,7 @@ def load() -> dict[tuple[int, str], dict[int, dict]]:
             r = json.loads(line)
             if r["net"] not in (5, 6):
                 continue
-            if r["mode"] == "classical":
+            if r["mode"] == "classical" and r["epochs"] <= 2 * EPOCHS:
                 table[(r["net"], f"classical x{r['epochs'] / EPOCHS:g}")][r["seed"]] = r
             elif r["mode"] in BUDGETS and r["epochs"] == EPOCHS:
                 label = "former thorough" if r["mode"] == "deepopt-thorough" else f"budget {BUDGETS[r['mode']]:g}"
@@ -86,8 +86,29 @@ def summary(net: int, table: dict) -> list[dict]:
                                                             stretched.get(s, base[s])["final_test_acc"])
                                   for s, r in by_seed.items() if s in base]
             entry["stretched_known"] = bool(stretched)
+            longer = [v for (n2, lab), v in table.items() if n2 == net and lab.startswith("classical")]
+            entry["vs_best"] = [r["final_test_acc"] - max(v[s]["final_test_acc"] for v in longer if s in v)
+                                for s, r in by_seed.items() if s in base]
+            price = step_prices(net)
+            if price and entry["passes"] is not None:  # timed per-step prices x the measured share
+                share = entry["passes"] - 1.0
+                entry["priced"] = (1 - share) * price["default"] + share * price["two_pass"]
         out.append(entry)
     return sorted(out, key=lambda e: (e["nominal"], not e["label"].startswith("classical")))
+
+
+def step_prices(net: int) -> dict[str, float] | None:
+    """CPU cost per step against classical of a default step and of a two-pass step, timed in
+    alternating blocks (``budget/step-cost.jsonl``, ``python -m benchmarks overhead``)."""
+    path = RESULTS / "budget" / "step-cost.jsonl"
+    if not path.is_file():
+        return None
+    prices = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("net") == net:
+            prices["two_pass" if r["settings"].get("budget") else "default"] = r["ratio"]
+    return prices if len(prices) == 2 else None
 
 
 def _fmt(values: list[float]) -> str:
@@ -137,11 +158,12 @@ def main() -> None:
         for e in summary(net, table):
             cpu = "  -  " if e["cost"] is None else f"{e['cost']:4.2f}x"
             passes = f"~{e['nominal']:g}x " if e["passes"] is None else f"{e['passes']:4.2f}x"
-            line = f"  {e['label']:<16} passes {passes}  cpu {cpu}  {e['acc']:6.2f}"
+            priced = f"  priced {e['priced']:4.2f}x" if "priced" in e else ""
+            line = f"  {e['label']:<16} passes {passes}  cpu {cpu}{priced}  {e['acc']:6.2f}"
             if "vs_better" in e:
                 other = f"x{e['nominal']:g}" if e["stretched_known"] else "x1 (x{:g} not run)".format(e["nominal"])
-                line += (f"  vs classical x1: {_fmt(e['vs_equal_epochs'])};  vs better of x1 and {other}: "
-                         f"{_fmt(e['vs_better'])}")
+                line += (f"\n      vs classical x1: {_fmt(e['vs_equal_epochs'])};  vs better of x1 and {other}: "
+                         f"{_fmt(e['vs_better'])};  vs best classical up to 2x: {_fmt(e['vs_best'])}")
             else:
                 line += f"  seeds {e['seeds']}"
             print(line)

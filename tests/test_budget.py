@@ -153,3 +153,11 @@ def test_a_budget_that_found_no_step_to_spend_on_says_so_in_the_idle_line(capsys
     assert len(said) == 2 and "runs on this loop without a closure" in said[0], said
     assert said[1].startswith("deepopt: after 4 steps this run trains and evaluates as it would without deepopt")
     assert "budget=1.5 (two-pass SAM, rho 0.05) has taken no two-pass step so far (it runs once the LR" in said[1]
+
+
+def test_two_pass_cost_sets_the_share_a_budget_buys():
+    assert BudgetSAM(1.5, two_pass_cost=2.0).share == pytest.approx(0.5)  # the first accounting
+    trace, _ = two_pass_trace(20, total_steps=20, mechanisms=[BudgetSAM(1.5, two_pass_cost=2.0)])
+    assert trace == [0] * 10 + [1] * 10
+    with pytest.raises(ValueError, match="two_pass_cost=1 is invalid"):
+        BudgetSAM(1.5, two_pass_cost=1)

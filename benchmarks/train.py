@@ -119,7 +119,12 @@ EMA_DECAY = 0.999  # torch.optim.swa_utils.get_ema_multi_avg_fn's default
 MODES: dict[str, str] = {
     "classical": "the protocol's plain SGD loop",
     "deepopt": "deepopt.activate(model, optimizer) with recipe 'default'",
-    "deepopt-thorough": "deepopt.activate(..., recipe='thorough') and optimizer.step(closure)",
+    "deepopt-thorough": "the thorough recipe before budget (the default plus two-pass SAM, rho 0.05 "
+    "ramped over 1,000 steps, on every step once the LR is at most a tenth of its peak) and "
+    "optimizer.step(closure)",
+    "deepopt-budget-1.25": "deepopt.activate(..., budget=1.25) and optimizer.step(closure)",
+    "deepopt-budget-1.5": "deepopt.activate(..., budget=1.5) and optimizer.step(closure)",
+    "deepopt-budget-2": "deepopt.activate(..., budget=2) and optimizer.step(closure)",
     "sam": f"exact two-pass SAM, rho {SAM_RHO} (benchmarks.train.sam_step, not deepopt)",
     "swa": "torch.optim.swa_utils SWA: AveragedModel of the epoch-end weights from "
     f"{SWA_START:.0%} of the budget on, update_bn, the average evaluated",
@@ -132,7 +137,13 @@ MODES: dict[str, str] = {
 # The deepopt modes: keyword arguments of deepopt.activate ("closure" is the loop's own key).
 _ACTIVATIONS: dict[str, dict] = {
     "deepopt": {"recipe": "default"},
-    "deepopt-thorough": {"recipe": "thorough", "closure": True},
+    # Written in the knobs of its time: legacy_kwargs makes it the default + TwoPassSAM(...).
+    "deepopt-thorough": {"recipe": "thorough", "sam_lr_ceiling": 0.1, "closure": True},
+    # The loop's F.cross_entropy cannot be replayed: a closure, bit for bit what replay gives
+    # a CrossEntropyLoss module (tests/test_sam_replay.py).
+    "deepopt-budget-1.25": {"recipe": "default", "budget": 1.25, "closure": True},
+    "deepopt-budget-1.5": {"recipe": "default", "budget": 1.5, "closure": True},
+    "deepopt-budget-2": {"recipe": "default", "budget": 2.0, "closure": True},
 }
 # Modes that hold the same budget at half the epochs: trained epochs = this x the budget.
 _EQUAL_TIME = {"sam-equal-time": 0.5}
@@ -389,6 +400,9 @@ def run(
     resolved = getattr(optimizer, "settings", None)
     if resolved is not None:  # what the recipe meant when this row was run
         row["resolved"] = resolved.as_dict()
+        sam = optimizer.mechanism("sam")
+        if sam is not None:  # how many steps took two passes: the measured share of the budget
+            row["two_pass_steps"], row["steps"] = sam.two_pass_steps, optimizer.steps
     if mode in _EQUAL_TIME:
         row["budget_of"] = epochs
     return row
@@ -581,14 +595,16 @@ def current_settings(mode: str) -> dict | None:
     Compared with a row's ``resolved`` to find runs of a recipe that has changed since.
 
     Example:
-        >>> current_settings("deepopt-thorough")["sam_rho"], current_settings("sam")
-        (0.05, None)
+        >>> current_settings("deepopt-budget-1.5")["budget"], current_settings("sam")
+        (1.5, None)
     """
     if mode not in _ACTIVATIONS:
         return None
+    from deepopt.experimental import legacy_kwargs
     from deepopt.recipes import resolve
 
-    kwargs = {k: v for k, v in _ACTIVATIONS[mode].items() if k != "closure"}
+    kwargs = legacy_kwargs({k: v for k, v in _ACTIVATIONS[mode].items() if k != "closure"})
+    kwargs.pop("mechanisms", None)  # not Settings: what the mode's name stands for
     return resolve(kwargs.pop("recipe"), kwargs).as_dict()
 
 

@@ -23,7 +23,7 @@ split:
   order;
 * ``classical-x{b}`` (``b >= 1``): classical with its step budget multiplied by ``b`` and its
   schedule stretched to the new length (:func:`stretched_budget`), the user's alternative
-  to spending ``b`` times the compute on deepopt (BENCHMARKS.md, section 4.1).
+  to spending ``b`` times the compute on deepopt (BENCHMARKS.md, section 5.1).
 
 The metric is higher-is-better in points: accuracy in % for classification, and
 ``R^2`` in % (100 (1 - MSE / variance of the targets)) for regression; the language model
@@ -970,23 +970,34 @@ def budget_cost(setup: Setup, mode: str, budget: float, data: dict[str, Tensor],
     """The cost of ``deepopt:{"budget": b}`` against classical from two timed step prices.
 
     A budget run takes SAM's second pass on a share of its steps chosen as it goes (the last
-    ``b - 1`` of a run that announces its length, else the low-LR tail, never more than
-    ``b - 1``): a block median of its first steps would miss them. So the one-pass step
-    (``deepopt``, budget 1) and the two-pass step (budget 2: every step) are each timed
-    against classical in alternating blocks (:func:`measure_cost`), and the row's ``ratio``
-    is the cost of spending the budget in full, ``(2 - b) * one + (b - 1) * two``; a run's
-    own cost is ``(1 - s) * one + s * two`` with ``s`` its ``two_pass_share`` (in its rows).
+    share of a run that announces its length, else the low-LR tail, never more than the
+    share ``b`` buys, :func:`_budget_accounting`): a block median of its first steps would
+    miss them. So the one-pass step (``deepopt``, budget 1) and the two-pass step (the largest
+    budget: every step) are each timed against classical in alternating blocks
+    (:func:`measure_cost`), and the row's ``ratio`` is the cost of spending the budget in
+    full, ``(1 - share) * one + share * two``; a run's own cost is ``(1 - s) * one + s * two``
+    with ``s`` its ``two_pass_share`` (in its rows).
     """
-    for key, m in (("one", "deepopt"), ("two", 'deepopt:{"budget": 2}')):
+    top, share = _budget_accounting(budget)
+    for key, m in (("one", "deepopt"), ("two", 'deepopt:{"budget": ' + f"{top:g}" + "}")):
         if key not in prices:
             prices[key] = measure_cost(setup, m, data)
     one, two = prices["one"]["ratio"], prices["two"]["ratio"]
-    share = budget - 1.0
     return {"setup": setup.name, "mode": mode, "ms_per_step_classical": prices["one"]["ms_per_step_classical"],
             "ms_per_step": prices["one"]["ms_per_step"] * (1 - share) + prices["two"]["ms_per_step"] * share,
             "ratio": (1 - share) * one + share * two, "ratio_one_pass": one, "ratio_two_pass": two,
             "budget": budget, "steps": prices["one"]["steps"], "threads": torch.get_num_threads(),
             "resolved": _resolved(_activate_kwargs(mode)[0] or {}), "torch": torch.__version__}
+
+
+def _budget_accounting(budget: float) -> tuple[float, float]:
+    """The library's largest budget (two passes on every step) and the share of two-pass steps
+    ``budget`` buys: ``(2, b - 1)`` as ``budget`` first landed, ``(2.25, (b - 1) / 1.25)`` since."""
+    from deepopt.mechanisms import budget as accounting
+
+    top = float(getattr(accounting, "TWO_PASS_COST", 2.0))
+    sam = accounting.BudgetSAM(budget)
+    return top, float(getattr(sam, "share", budget - 1.0))
 
 
 def _experimental(kwargs: dict) -> list:

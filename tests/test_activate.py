@@ -172,7 +172,7 @@ def test_no_trainable_parameters():
         ({"ema_decay": 1.0}, r"ema_decay=1.0 is invalid: it must lie in \[0, 1\)"),
         ({"average": "swa"}, "average='swa' is invalid"),
         ({"enabled": False, "rho": -1}, "rho=-1 is invalid"),
-        ({"budget": 3}, r"budget=3 is invalid: it must lie in \[1, 2\]"),
+        ({"budget": 3}, r"budget=3 is invalid: it must lie in \[1, 2.25\]"),
         ({"sam_rho": 0.05}, r"sam_rho moved to deepopt.experimental: pass mechanisms=\[TwoPassSAM\(rho=...\)\].*budget=1.5"),
     ],
 )

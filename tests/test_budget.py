@@ -56,33 +56,33 @@ def two_pass_trace(steps: int, schedule=None, before: bool = False, total_steps=
 ], ids=["onecycle", "cosine", "polynomial", "linear", "warmup+cosine"])
 @pytest.mark.parametrize("before", [False, True], ids=["scheduler-after", "scheduler-before"])
 def test_a_run_that_announces_its_length_gets_sam_on_its_last_share(schedule, before):
-    trace, _ = two_pass_trace(20, schedule, before=before, budget=1.5)
-    assert trace == [0] * 10 + [1] * 10
-    trace, _ = two_pass_trace(20, schedule, before=before, budget=1.25)
-    assert trace == [0] * 15 + [1] * 5
+    trace, _ = two_pass_trace(20, schedule, before=before, budget=1.5)  # a share of 0.4
+    assert trace == [0] * 12 + [1] * 8
+    trace, _ = two_pass_trace(20, schedule, before=before, budget=1.25)  # 0.2
+    assert trace == [0] * 16 + [1] * 4
 
 
 def test_total_steps_on_the_optimizer_places_the_sam_steps_without_a_scheduler():
     trace, _ = two_pass_trace(20, total_steps=20, budget=1.25)
-    assert trace == [0] * 15 + [1] * 5
+    assert trace == [0] * 16 + [1] * 4
 
 
 def test_without_an_announced_end_sam_starts_when_the_lr_drops_and_stays_within_the_budget():
     drops = lambda opt: lrs.MultiStepLR(opt, milestones=[6, 12, 16], gamma=0.1)  # noqa: E731 - the seed's shape
     trace, _ = two_pass_trace(20, drops, budget=1.5)
     assert trace[:6] == [0] * 6 and trace[6] == 1  # the first step at a tenth of the peak LR
-    assert all(sum(trace[:i + 1]) <= 0.5 * (i + 1) for i in range(20))  # the cost, at every point
-    assert sum(trace) == 10  # the whole budget spent
-    # With room to spare (1.75x), it is the former thorough: SAM on every step after the drop.
-    trace, weights = two_pass_trace(20, drops, budget=1.75)
+    assert all(sum(trace[:i + 1]) <= 0.4 * (i + 1) for i in range(20))  # the cost, at every point
+    assert sum(trace) == 8  # the whole budget spent
+    # With room to spare (a share of 0.8), it is the former thorough: SAM on every step after the drop.
+    trace, weights = two_pass_trace(20, drops, budget=2.0)
     assert trace == [0] * 6 + [1] * 14
     _, same = two_pass_trace(20, drops, mechanisms=[TwoPassSAM(0.05, 1000, lr_range=(0.0, 0.1))])
     assert all(torch.equal(a, b) for a, b in zip(weights, same))
 
 
-def test_a_constant_lr_with_no_end_gets_no_sam_below_budget_2_and_every_step_at_2():
-    assert sum(two_pass_trace(12, budget=1.5)[0]) == 0
-    assert two_pass_trace(12, budget=2.0)[0] == [1] * 12
+def test_a_constant_lr_with_no_end_gets_no_sam_below_2_25_and_every_step_at_2_25():
+    assert sum(two_pass_trace(12, budget=2.0)[0]) == 0
+    assert two_pass_trace(12, budget=2.25)[0] == [1] * 12
     # A plateau scheduler announces no end either: SAM follows its LR drops (x0.1 after 3 bad epochs).
     plateau = two_pass_trace(12, lambda opt: lrs.ReduceLROnPlateau(opt, factor=0.1, patience=2), budget=1.5)[0]
     assert plateau[:4] == [0] * 4 and sum(plateau) > 0
@@ -100,6 +100,7 @@ def test_schedule_lengths_and_the_one_line_said():
     assert schedule_length(lrs.LinearLR(opt, start_factor=0.1, total_iters=5)) is None  # a warm-up
     assert schedule_length(lrs.StepLR(opt, 3)) is None
     assert repr(BudgetSAM(1.5)) == "BudgetSAM(budget=1.5, rho=0.05, warmup=1000)"
+    assert BudgetSAM(1.5).share == pytest.approx(0.4)
     with pytest.raises(ValueError, match=r"budget=2.5 is invalid"):
         BudgetSAM(2.5)
 
@@ -109,7 +110,7 @@ def test_it_says_once_where_its_steps_go(capsys):
     said = capsys.readouterr().err.splitlines()
     assert said == ["deepopt: budget=1.5 (two-pass SAM, rho 0.05) runs on this loop without a closure "
                     "(loss = CrossEntropyLoss(model(...), ...); recomputed at w + e in step()), "
-                    "on the last 50% of the run (its length is announced)."], said
+                    "on the last 40% of the run (its length is announced)."], said
 
 
 def test_resuming_mid_run_continues_the_same_sam_steps(tmp_path):
@@ -134,6 +135,29 @@ def test_resuming_mid_run_continues_the_same_sam_steps(tmp_path):
     model, opt_a, sched = run(stop=7)
     state = {"model": model.state_dict(), "opt": opt_a.state_dict(), "sched": sched.state_dict(), "step": 7}
     resumed, opt_b, _ = run(state=state)
-    assert opt.mechanism("sam").two_pass_steps == opt_b.mechanism("sam").two_pass_steps == 6
+    assert opt.mechanism("sam").two_pass_steps == opt_b.mechanism("sam").two_pass_steps == 4
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_budget_that_found_no_step_to_spend_on_says_so_in_the_idle_line(capsys):
+    model, x, y = model_and_data()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe="safe", budget=1.5)
+    for i in range(4):  # a constant LR and no announced end: no step late enough to spend on
+        nn.CrossEntropyLoss()(model(x[i * 16:(i + 1) * 16]), y[i * 16:(i + 1) * 16]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model(x)
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and "runs on this loop without a closure" in said[0], said
+    assert said[1].startswith("deepopt: after 4 steps this run trains and evaluates as it would without deepopt")
+    assert "budget=1.5 (two-pass SAM, rho 0.05) has taken no two-pass step so far (it runs once the LR" in said[1]
+
+
+def test_two_pass_cost_sets_the_share_a_budget_buys():
+    assert BudgetSAM(1.5, two_pass_cost=2.0).share == pytest.approx(0.5)  # the first accounting
+    trace, _ = two_pass_trace(20, total_steps=20, mechanisms=[BudgetSAM(1.5, two_pass_cost=2.0)])
+    assert trace == [0] * 10 + [1] * 10
+    with pytest.raises(ValueError, match="two_pass_cost=1 is invalid"):
+        BudgetSAM(1.5, two_pass_cost=1)

@@ -14,6 +14,7 @@ import torch
 
 import deepopt
 from deepopt import cli, demo, demo_report
+from deepopt.experimental import Calibration
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +126,7 @@ def test_default_demo_is_the_deep_net_and_calibration_makes_the_difference(capsy
     assert result["config"]["net"] == "deep" and result["config"]["optimizer"]["lr"] == 0.005
     record = result["seeds"][0]["deepopt"]
     assert record["calibrated"] is True and record["skipped_steps"] == 0
-    assert record["signal_ratio"] < result["config"]["settings"]["calibrate_threshold"]
+    assert record["signal_ratio"] < Calibration().threshold
     # Training differs: calibration's doing (the averaged weights change only what eval computes).
     assert result["seeds"][0]["classical"]["train_loss"] != record["train_loss"]
     text = " ".join(out.split())

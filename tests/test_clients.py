@@ -24,12 +24,12 @@ from deepopt import cli, replay
 CLIENTS = Path(__file__).parent / "clients"
 GUARD_OFF = "the divergence guard is off for LBFGS: its step(closure) evaluates the closure itself"
 NO_GUARD_ON_CLOSURE = "the divergence guard does not act on SGD.step(closure) under deepopt run"
-NO_SAM = "budget=2 does not act on SGD.step(closure) under deepopt run"
+NO_SAM = "budget=2.25 (two-pass SAM, rho 0.05) does not act on SGD.step(closure) under deepopt run"
 IDLE = "after 15 steps this run trains and evaluates as it would without deepopt"
-# budget 2: two passes on every step, so a few steps show whether SAM ran.
-SAM_FLAGS = ("--recipe", "thorough", "--set", "budget=2")
-SAM_RUNS = "budget=2 (two-pass SAM, rho 0.05) runs on this loop without a closure"
-SAM_CANNOT = "budget=2 (two-pass SAM, rho 0.05) cannot run on this loop"
+# budget 2.25: two passes on every step, so a few steps show whether SAM ran.
+SAM_FLAGS = ("--recipe", "thorough", "--set", "budget=2.25")
+SAM_RUNS = "budget=2.25 (two-pass SAM, rho 0.05) runs on this loop without a closure"
+SAM_CANNOT = "budget=2.25 (two-pass SAM, rho 0.05) cannot run on this loop"
 
 # script: (the deepopt lines of `deepopt run`, those of explicit activate), each a prefix
 EXPECTED = {
@@ -182,7 +182,7 @@ def test_each_client_says_whether_sam_runs_and_deepopt_run_agrees(script, capfd,
     SAM runs, ``deepopt run --recipe thorough`` says the same and trains exactly as the explicit
     activation, and SAM changed training."""
     note = sam_note(script)
-    os.environ.update(DEEPOPT_RECIPE="thorough", DEEPOPT_BUDGET="2")
+    os.environ.update(DEEPOPT_RECIPE="thorough", DEEPOPT_BUDGET="2.25")
     try:
         explicit, explicit_lines = client(script, "activate", capfd, tmp_path_factory, "thorough")
     finally:

@@ -376,7 +376,7 @@ def test_exception_in_user_code_leaves_training_weights(overrides, closure, poin
     torch.manual_seed(1)
     fresh = Faulty()
     fresh, fresh_opt = deepopt.activate(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9),
-                                        **overrides)
+                                        **legacy_kwargs(overrides))
     fresh.load_state_dict(ckpt["model"])
     fresh_opt.load_state_dict(ckpt["opt"])
     run_faulty(overrides, closure, steps=steps, start=fail_at, model_opt=(fresh, fresh_opt))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind BENCHMARKS.md section 4 (issue 42): classical x1/x1.25/x1.5/x2 and deepopt at
+# The runs behind BENCHMARKS.md section 5.1 (issue 42): classical x1/x1.25/x1.5/x2 and deepopt at
 # budgets 1/1.25/1.5/2 on the zoo's cheap setups (5 seeds) and the setups with headroom (3 seeds),
 # one thread, one process at a time; resumable (finished runs are skipped).
 # Run from the repository's root: bash benchmarks/scripts/budget_runs.sh [cheap|headroom|cost|announced|all]

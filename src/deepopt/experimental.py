@@ -8,6 +8,7 @@ same name). BENCHMARKS.md, section 1, has the measurements behind each verdict.
   form is ``Settings.rho``);
 * :class:`TwoPassSAM` with a radius, a warm-up, ASAM's ``adaptive`` radius, an ``lr_range``,
   or LookSAM's ``every``/``reuse`` (``Settings.budget`` decides its steps otherwise);
+* :class:`BudgetSAM` with another radius, warm-up or ``two_pass_cost`` than ``budget``'s;
 * :class:`Calibration` with another ``threshold`` than 1e-3;
 * :class:`WeightNoise`: random weight perturbation;
 * :class:`Lookahead`: slow/fast weights;
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from .mechanisms.average import WeightAverage
+from .mechanisms.budget import BudgetSAM
 from .mechanisms.calibrate import Calibration
 from .mechanisms.lookahead import Lookahead
 from .mechanisms.noise import WeightNoise
@@ -37,7 +39,7 @@ from .mechanisms.sam import TwoPassSAM
 from .mechanisms.switch import SwitchAverage
 from .recipes import MOVED, RECIPES
 
-__all__ = ["MomentumPerturbation", "TwoPassSAM", "Calibration", "WeightNoise", "Lookahead", "WeightAverage",
+__all__ = ["MomentumPerturbation", "TwoPassSAM", "BudgetSAM", "Calibration", "WeightNoise", "Lookahead", "WeightAverage",
            "SwitchAverage", "legacy_kwargs"]
 
 #: What the ``thorough`` recipe meant before ``budget`` (SAM from the LR's first tenth on).

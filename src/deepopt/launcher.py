@@ -247,7 +247,7 @@ def _on_step_post(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None
     if _closure(args, kwargs) is not None and opt not in _closure_told:
         _closure_told.add(opt)
         for m in (m for m in w.mechanisms if m.name == "guard" or m.needs_closure):
-            say(f"{m.label.split(' (')[0]} does not act on {type(opt).__name__}.step(closure) under deepopt "
+            say(f"{m.label} does not act on {type(opt).__name__}.step(closure) under deepopt "
                 "run (the closure runs inside torch's step, after deepopt's hook); add `model, optimizer "
                 "= deepopt.activate(model, optimizer)` to the script for it.")
     grads = _skipped.pop(opt, None)

@@ -25,9 +25,9 @@ class Settings:
         rho: radius of the momentum-direction perturbation (Momentum-SAM, zero extra
             passes): each training forward runs at ``w - rho * m / ||m||``; 0 turns it off.
         budget: the most compute deepopt may spend, relative to the classical run, in
-            ``[1, 2]``: ``b > 1`` buys exact two-pass SAM (Foret et al.) on a share ``b - 1``
-            of the steps, the last ones where the run announces its length, else those after
-            the LR has fallen to a tenth of its peak (:mod:`deepopt.mechanisms.budget`). It
+            ``[1, 2.25]``: ``b > 1`` buys exact two-pass SAM (Foret et al.) on a share
+            ``(b - 1) / 1.25`` of the steps (a two-pass step costs up to 2.25 plain ones), the last ones where the run announces its length, else those after
+            the LR has fallen to a tenth of its peak (``deepopt.mechanisms.budget``). It
             needs ``step(closure)`` or a loop deepopt can replay (:mod:`deepopt.replay`);
             elsewhere it says so once and trains as at 1.0.
         average: ``None``, ``"ema"``, ``"power"`` (power-function EMA, Karras et al. 2024:
@@ -93,9 +93,9 @@ class Settings:
                 raise ValueError(f"{name}={value!r} is invalid: it must be a finite number.")
         if self.rho < 0:
             raise ValueError(f"rho={self.rho!r} is invalid: it must be a number >= 0 (0 turns it off).")
-        if not 1.0 <= self.budget <= 2.0:
-            raise ValueError(f"budget={self.budget!r} is invalid: it must lie in [1, 2], e.g. 1.5 (1: no extra "
-                             "compute; 2: two passes on every step).")
+        if not 1.0 <= self.budget <= 2.25:
+            raise ValueError(f"budget={self.budget!r} is invalid: it must lie in [1, 2.25], e.g. 1.5 (1: no "
+                             "extra compute; 2.25: two passes on every step).")
         # Step counts: integers (not bools, not floats) at or above their smallest value.
         for name, low, note in (("average_every", 1, ""),
                                  ("average_samples", 0, " (0 = every average_every steps)"), ("max_skips", 1, "")):
@@ -142,7 +142,7 @@ RECIPES: dict[str, Settings] = {
     # predecessor (SAM on every step after the LR fell to a tenth, no cap: ~1.75x under the
     # seed's drops) gave +0.53/+0.80 points on nets 6/5 at 20 epochs and +1.44 on net 6 at
     # 100; against classical trained 1.25-2x longer: a tie on net 6, +0.80 on net 5
-    # (BENCHMARKS.md, section 4, which also measures budgets 1.25, 1.5 and 2).
+    # (BENCHMARKS.md, section 5, which also measures budgets 1.25, 1.5 and 2).
     "thorough": Settings(budget=1.5, dropout_match=True, average="power", average_width=0.05,
                          average_follows_lr=True, average_every=4, average_samples=8),
     # The safety nets only; stays so when the default grows (A/B of other mechanisms).

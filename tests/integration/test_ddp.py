@@ -77,6 +77,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x.sum(1) > 0).long() + (x[:, 0] > 1).long()
 
 
+SCENARIOS = ("after", "before", "calibrate", "accumulate", "sam", "sam_closure", "sam_per_rank")
 SAM = {"average": "ema", "ema_decay": 0.9, "average_every": 1}  # + two-pass SAM at every step, replayed
 
 
@@ -104,6 +105,29 @@ def train(model, opt, rank: int, world: int, accumulate: int = 1, ddp=None, crit
                 (loss / accumulate).backward()
         opt.step()
         opt.zero_grad()
+
+
+def train_sam_closure(ddp, opt, rank: int, world: int, per_rank: bool) -> None:
+    """The user's loop with an explicit SAM closure; ``per_rank``: its first call (SAM's
+    ascent) runs under ``ddp.no_sync()``, forward and backward, so each rank perturbs along
+    its own gradient; the second call (at ``w + e``) is all-reduced as usual."""
+    x, y = data()
+    per = GLOBAL // world
+    criterion = nn.CrossEntropyLoss()
+    for step in range(STEPS):
+        lo = step * GLOBAL + rank * per
+        calls = [0]
+
+        def closure(xb=x[lo:lo + per], yb=y[lo:lo + per], calls=calls) -> torch.Tensor:
+            local = per_rank and calls[0] == 0
+            calls[0] += 1
+            opt.zero_grad()
+            with ddp.no_sync() if local else contextlib.nullcontext():
+                loss = criterion(ddp(xb), yb)
+                loss.backward()
+            return loss
+
+        opt.step(closure)
 
 
 def snapshot(model: nn.Module, opt) -> dict:
@@ -154,6 +178,11 @@ def scenario(name: str, rank: int, world: int) -> dict:
         ddp = DDP(model)
         _, opt = deepopt.activate(ddp, opt, mechanisms=sam_mechanisms(), **SAM)
         train(ddp, opt, rank, world, ddp=ddp, criterion=nn.CrossEntropyLoss())
+        return {**snapshot(ddp, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
+    if name in ("sam_closure", "sam_per_rank"):  # an explicit closure; its ascent global or per rank
+        ddp = DDP(model)
+        _, opt = deepopt.activate(ddp, opt, mechanisms=sam_mechanisms(), **SAM)
+        train_sam_closure(ddp, opt, rank, world, per_rank=name == "sam_per_rank")
         return {**snapshot(ddp, opt), "two_pass": opt.mechanism("sam").two_pass_steps}
     if name == "before":
         model, opt = deepopt.activate(model, opt, **SETTINGS, mechanisms=[WeightNoise(NOISE)])
@@ -219,7 +248,7 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> Iterator[dict]:
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with gloo_rank(rank, world, port, out_dir) as results:
-        results.update({name: scenario(name, rank, world) for name in ("after", "before", "calibrate", "accumulate", "sam")})
+        results.update({name: scenario(name, rank, world) for name in SCENARIOS})
         results["sharded"] = sharded_errors()
 
 
@@ -254,7 +283,7 @@ def single_process(name: str) -> dict:
 
 
 # -- tests ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["after", "before", "calibrate", "accumulate", "sam"])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_ranks_hold_bitwise_equal_training_and_evaluation_weights(ranks, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     for key in ("params", "eval"):
@@ -272,6 +301,20 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(ranks, name):
     for key in ("params", "eval"):
         for a, b in zip(got[key], ref[key]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sam_ascent_is_the_global_gradient_unless_the_closure_asks_for_each_rank_own(ranks):
+    # The replayed loop (no closure) equals an explicit closure whose both passes DDP
+    # all-reduces: its ascent is along the global gradient. Under no_sync in the closure's
+    # first call each rank perturbs along its own gradient: the weights differ, yet (above)
+    # both ranks still hold bitwise-equal weights, since the update is all-reduced and the
+    # weights are restored from w + e by copy.
+    replayed, closure, per_rank = (ranks[0][n] for n in ("sam", "sam_closure", "sam_per_rank"))
+    assert replayed["two_pass"] == closure["two_pass"] == per_rank["two_pass"] == STEPS
+    for key in ("params", "eval"):
+        for a, b in zip(replayed[key], closure[key]):
+            assert torch.equal(a, b), key
+    assert any(not torch.equal(a, b) for a, b in zip(closure["params"], per_rank["params"]))
 
 
 def test_calibration_moved_the_weights_alike_everywhere(ranks):

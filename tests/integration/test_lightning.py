@@ -147,6 +147,7 @@ def test_optimizer_replaced_in_the_strategy_schedulers_share_param_groups(tmp_pa
     sched = t.lr_scheduler_configs[0].scheduler
     assert sched.optimizer is opt.optimizer and sched.optimizer.param_groups is opt.param_groups
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # StepLR stepped once
+    assert opt.total_steps == t.estimated_stepping_batches > 0  # where a budget puts its SAM steps
 
 
 def test_accumulation_clipping_scheduler_and_bf16_mixed_equal_the_plain_loop(tmp_path):
@@ -156,6 +157,50 @@ def test_accumulation_clipping_scheduler_and_bf16_mixed_equal_the_plain_loop(tmp
     assert callback.optimizer.steps == callback.optimizer.mechanism("average").count == BATCHES  # 2 epochs / 2
     reference = plain_loop(epochs=2, accumulate=2, clip=0.05, bf16=True, scheduler=True)
     assert_same(weights(module), weights(reference), tol=1e-6)
+
+
+SAM_EVERY_STEP = {"budget": 2.25}  # two passes on every step (the radius ramps over 1,000 steps)
+
+
+def sam_loop(epochs: int, accumulate: int, clip: float) -> nn.Module:
+    """Exact two-pass SAM by hand: the closure takes the gradient of all the step's
+    micro-batches (each loss divided by ``accumulate``), then clips, at ``w`` and at ``w + e``."""
+    module = Net()
+    model, opt = deepopt.activate(module.net, module.configure_optimizers(), **SAM_EVERY_STEP)
+    opt.mechanism("sam").warmup = 0
+    batches = list(loader())[:BATCHES]
+    for _ in range(epochs):
+        model.train()
+        for i in range(0, BATCHES, accumulate):
+            def closure(window=batches[i:i + accumulate]) -> torch.Tensor:
+                opt.zero_grad()
+                for x, y in window:
+                    loss = nn.functional.cross_entropy(model(x), y) / accumulate
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                return loss
+
+            opt.step(closure)
+    return module
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_thorough_with_accumulation_and_clipping_equals_a_hand_written_sam_loop(tmp_path, accumulate):
+    # Lightning's closure holds only the last micro-batch of a step; SAM's pass at w + e
+    # must see them all (the callback runs the earlier ones) and be clipped like the first.
+    module, callback = Net(), DeepOpt(**SAM_EVERY_STEP)
+    fit_start = callback.on_fit_start
+
+    def full_radius(*args):  # no ramp: SAM's radius shows in 8 steps
+        fit_start(*args)
+        callback.optimizer.mechanism("sam").warmup = 0
+
+    callback.on_fit_start = full_radius
+    trainer(tmp_path, epochs=2, callbacks=[callback], accumulate_grad_batches=accumulate,
+            gradient_clip_val=0.05).fit(module, loader())
+    opt = callback.optimizer
+    assert opt.steps == opt.mechanism("sam").two_pass_steps == 2 * BATCHES // accumulate
+    assert_same(weights(module), weights(sam_loop(epochs=2, accumulate=accumulate, clip=0.05)))
 
 
 def test_checkpoint_holds_evaluation_weights_and_resumes_exactly(tmp_path):

@@ -232,9 +232,11 @@ def test_deepopt_modes_activate_the_recipes(
     a = run(6, "deepopt", 0, 1, data, progress=False)
     assert calls == [{"recipe": "default"}] and closures == [False]
     assert a["settings"] == {"recipe": "default"}
-    b = run(6, "deepopt-thorough", 0, 1, data, progress=False)
-    assert calls[1] == {"recipe": "thorough"} and closures[1:] == [True]
-    assert b["settings"] == {"recipe": "thorough", "closure": True}
+    b = run(6, "deepopt-thorough", 0, 1, data, progress=False)  # the former thorough, in its knobs
+    (sam,) = calls[1]["mechanisms"]
+    assert calls[1]["recipe"] == "default" and closures[1:] == [True]
+    assert (sam.rho, sam.warmup, sam.lr_range) == (0.05, 1000, (0.0, 0.1))
+    assert b["settings"] == {"recipe": "thorough", "sam_lr_ceiling": 0.1, "closure": True}
     # the peers never touch deepopt
     for mode in ("sam", "swa", "ema", "sam-equal-time"):
         run(6, mode, 0, 1, data, progress=False)

@@ -97,9 +97,10 @@ def test_activated_mode_calls_activate_once(
 
 
 def test_deepopt_rows_record_what_the_recipe_resolved_to(tiny) -> None:
-    a = run(6, "deepopt-thorough", 0, 1, tiny, progress=False)
-    assert a["settings"] == {"recipe": "thorough", "closure": True}
-    assert a["resolved"]["sam_rho"] == 0.05 and a["resolved"]["guard"] is True
+    a = run(6, "deepopt-budget-1.5", 0, 1, tiny, progress=False)
+    assert a["settings"] == {"recipe": "default", "budget": 1.5, "closure": True}
+    assert a["resolved"]["budget"] == 1.5 and a["resolved"]["guard"] is True
+    assert 0 <= a["two_pass_steps"] <= 0.4 * a["steps"]  # the budget's share, at most
     assert "resolved" not in run(6, "classical", 0, 1, tiny, progress=False)
 
 
@@ -167,7 +168,7 @@ def test_append_row_finished_round_trip(tmp_path: Path) -> None:
 def test_a_deepopt_run_of_a_changed_recipe_is_not_finished(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     now = current_settings("deepopt-thorough")
-    old = {**now, "sam_warmup": now["sam_warmup"] + 1}  # as if the recipe changed since
+    old = {**now, "max_skips": now["max_skips"] + 1}  # as if the recipe changed since
     append_row(path, {"net": 6, "mode": "deepopt-thorough", "seed": 0, "epochs": 2, "resolved": old})
     append_row(path, {"net": 6, "mode": "deepopt-thorough", "seed": 1, "epochs": 2, "resolved": now})
     # rows began keeping "resolved" before the default averaged: one without it is stale now
@@ -183,10 +184,10 @@ def test_a_setting_added_since_a_row_counts_as_its_default(tmp_path: Path, monke
 
     path = tmp_path / "rows.jsonl"
     now = current_settings("deepopt")
-    before = {k: v for k, v in now.items() if k != "sam_lr_ceiling"}  # written before the knob
+    before = {k: v for k, v in now.items() if k != "budget"}  # written before the knob
     append_row(path, {"net": 4, "mode": "deepopt", "seed": 1, "epochs": 2, "resolved": before})
     assert finished(path) == {(4, "deepopt", 1, 2)}  # the knob's default: the same recipe
-    monkeypatch.setattr(train_mod, "current_settings", lambda mode: {**now, "sam_lr_ceiling": 0.5})
+    monkeypatch.setattr(train_mod, "current_settings", lambda mode: {**now, "budget": 1.5})
     assert finished(path) == set()  # the recipe now turns the new knob on: redo the run
 
 

@@ -20,7 +20,7 @@ def _counting_net(calls: list[str]):
 def test_sam_recipe_is_timed_with_its_second_pass(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(nets, "build_net", _counting_net(calls))
-    row = overhead.step_costs(6, {"recipe": "thorough", "sam_lr_ceiling": 1.0}, steps=4, block=2)
+    row = overhead.step_costs(6, {"budget": 2.25}, steps=4, block=2)
     assert row["closure"] is True
     # two blocks of two steps each: SAM evaluates the model twice per step
     assert calls.count("classical") == 4

@@ -20,6 +20,15 @@ Works with ``accumulate_grad_batches`` (one perturbation and one average update 
 optimizer step), ``gradient_clip_val``, schedulers from ``configure_optimizers`` and
 ``precision="bf16-mixed"``. One optimizer per LightningModule.
 
+Two-pass SAM (``recipe="thorough"``, a ``budget``) runs through the closure Lightning passes to
+``optimizer.step``: its ``training_step`` and ``backward``, then Lightning's clipping. With
+``accumulate_grad_batches=k`` that closure holds only the step's last micro-batch (the
+earlier ones ran before the step, into ``.grad``), so SAM's pass at ``w + e`` would have
+taken the gradient of one micro-batch of ``k``, divided by ``k``. The callback therefore
+runs the window's earlier micro-batches (``training_step``, the loss divided by ``k``,
+``backward``, under ``no_sync`` when data parallel) before Lightning's closure on that
+pass, so both passes take the gradient of the same ``k`` micro-batches.
+
 Example:
     >>> import lightning.pytorch as pl                       # doctest: +SKIP
     >>> from deepopt.integrations.lightning import DeepOpt    # doctest: +SKIP
@@ -29,7 +38,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 try:
@@ -73,6 +84,8 @@ class DeepOpt(pl.Callback):
         self.overrides = overrides
         self.optimizer: DeepOptimizer | None = None
         self._module: pl.LightningModule | None = None
+        self._trainer: pl.Trainer | None = None
+        self._window: list[tuple[Any, int]] | None = None  # SAM + accumulation: (batch, batch_idx) since the last step
 
     # -- wrapping ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,7 +110,44 @@ class DeepOpt(pl.Callback):
         total = trainer.estimated_stepping_batches  # inf for an open-ended fit
         wrapped.total_steps = int(total) if math.isfinite(total) else None  # where a budget spends
         trainer.strategy.optimizers = [wrapped]  # Lightning wraps it in a LightningOptimizer
-        self.optimizer, self._module = wrapped, pl_module
+        self.optimizer, self._module, self._trainer = wrapped, pl_module, trainer
+        self._window = None
+        if wrapped.mechanism("sam") is not None and trainer.accumulate_grad_batches > 1 and not wrapped.closure_driven:
+            self._window = []
+            step = wrapped.step
+            wrapped.step = lambda closure=None, **kwargs: self._step_over_window(step, closure, **kwargs)  # type: ignore[method-assign]
+
+    # -- SAM with gradient accumulation --------------------------------------------------------
+    def _step_over_window(self, step: Callable[..., Any], closure: Callable[[], Any] | None, **kwargs: Any) -> Any:
+        """``step(closure)`` where every call of the closure after the first (SAM's pass at
+        ``w + e``, after deepopt cleared ``.grad``) first runs the window's earlier micro-batches."""
+        earlier, self._window = (self._window or [])[:-1], []
+        if closure is None or not earlier:
+            return step(closure, **kwargs)
+        calls = 0
+
+        def whole_window() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                self._backward(earlier)
+            return closure()
+
+        return step(whole_window, **kwargs)
+
+    def _backward(self, batches: list[tuple[Any, int]]) -> None:
+        """``training_step`` and ``backward`` of ``batches`` as Lightning's loop runs them
+        while it accumulates (the loss divided by ``accumulate_grad_batches``, no gradient sync)."""
+        trainer = self._trainer
+        assert trainer is not None
+        strategy = trainer.strategy
+        block_sync = getattr(strategy, "block_backward_sync", contextlib.nullcontext)
+        for batch, batch_idx in batches:
+            with block_sync():
+                out = strategy.training_step(batch, batch_idx)
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if loss is not None:
+                    strategy.backward(loss / trainer.accumulate_grad_batches, self.optimizer)
 
     # -- views ---------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -106,6 +156,8 @@ class DeepOpt(pl.Callback):
         opt = self.optimizer
         if opt is not None and self._calibration_pending() is None:  # else the first self(...) calibrates first
             opt.show("perturbed")
+        if self._window is not None:
+            self._window.append((batch, batch_idx))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

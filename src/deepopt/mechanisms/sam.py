@@ -218,6 +218,11 @@ class TwoPassSAM(Mechanism):
         sam_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
         return orthogonal_part(sam_grads, clean)
 
+    def idle(self, opt: Any) -> str | None:
+        if self.two_pass_steps:
+            return None
+        return f"{self.label} has taken no two-pass step so far (it runs {self.when(opt)})"
+
     def state_dict(self) -> dict:
         return {"two_pass_steps": self.two_pass_steps, **({} if self.look is None else self.look.state_dict())}
 

@@ -98,17 +98,23 @@ def summary(net: int, table: dict) -> list[dict]:
 
 
 def step_prices(net: int) -> dict[str, float] | None:
-    """CPU cost per step against classical of a default step and of a two-pass step, timed in
-    alternating blocks (``budget/step-cost.jsonl``, ``python -m benchmarks overhead``)."""
+    """CPU cost per step against classical, timed in alternating blocks in one process: a
+    two-pass step's (median of the ``budget/step-cost.jsonl`` rows, ``budget=2.25``) and a
+    default step's (the longest such timing of the default recipe, ``overhead.jsonl``, 8,000
+    steps: short timings of a 7 ms step on a shared machine ranged 0.79-1.54x)."""
+    two_pass, default = [], {}
     path = RESULTS / "budget" / "step-cost.jsonl"
-    if not path.is_file():
-        return None
-    prices = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.is_file() else []:
         r = json.loads(line)
-        if r.get("net") == net:
-            prices["two_pass" if r["settings"].get("budget") else "default"] = r["ratio"]
-    return prices if len(prices) == 2 else None
+        if r.get("net") == net and r["settings"].get("budget"):
+            two_pass.append(r["ratio"])
+    for line in (RESULTS / "overhead.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("net") == net and r["settings"] in ({"recipe": "default"}, {}) and r["steps"] >= default.get("steps", 0):
+            default = r
+    if not two_pass or not default:
+        return None
+    return {"default": default["ratio"], "two_pass": statistics.median(two_pass)}
 
 
 def _fmt(values: list[float]) -> str:

@@ -161,3 +161,26 @@ def test_two_pass_cost_sets_the_share_a_budget_buys():
     assert trace == [0] * 10 + [1] * 10
     with pytest.raises(ValueError, match="two_pass_cost=1 is invalid"):
         BudgetSAM(1.5, two_pass_cost=1)
+
+
+def test_a_dropped_activation_leaves_no_process_wide_hook():
+    """The recorder's hook on every module call holds it weakly: dropping the model and
+    optimizer without deactivate() removes it (it would keep the model alive and make
+    torch.compile guard on it)."""
+    import gc
+
+    from torch.nn.modules import module as torch_module
+
+    from deepopt import replay
+
+    gc.collect()
+    for recorder in list(replay._recorders):  # earlier tests' optimizers, still referenced
+        recorder.close()
+    before = len(torch_module._global_forward_hooks)
+    model, x, y = model_and_data()
+    model, opt = deepopt.activate(model, torch.optim.SGD(model.parameters(), lr=0.1), budget=1.5)
+    assert len(torch_module._global_forward_hooks) == before + 1
+    del model, opt
+    gc.collect()
+    assert len(torch_module._global_forward_hooks) == before
+    assert torch.autograd.backward.__name__ == "backward" and not hasattr(torch.autograd.backward, "__wrapped__")

@@ -123,6 +123,28 @@ def _wrap(original: Callable, name: str) -> Callable:
     return wrapper
 
 
+def _forget(handle: Any) -> None:
+    """A recorder was collected without :meth:`LoopRecorder.close`: remove its hook, and put
+    torch's functions back if it was the last."""
+    handle.remove()
+    if not list(_recorders):
+        unwatch()
+
+
+class _EveryModuleHook:
+    """The process-wide module forward hook of one recorder: holds it weakly, so a recorder
+    nobody references is collected and its hook removed, and is never traced by torch.compile."""
+
+    def __init__(self, recorder: LoopRecorder) -> None:
+        self.recorder = weakref.ref(recorder)
+
+    @torch._disable_dynamo
+    def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
+        recorder = self.recorder()
+        if recorder is not None:
+            recorder._any_forward(module, args, out)
+
+
 # -- what a loss is built from -------------------------------------------------------------
 def _find(out: Any, loss: Tensor) -> tuple | None:
     """Where ``loss`` sits in a model output: ``()`` (the output), an index, a key, a field."""
@@ -249,8 +271,10 @@ class LoopRecorder:
         # ModelHooks: a pickled or copied model leaves them out (deepopt.hooks).
         self._handles = [
             model.register_forward_hook(ModelHook(self, "_forward_done")),
-            nn.modules.module.register_module_forward_hook(self._any_forward),
+            nn.modules.module.register_module_forward_hook(_EveryModuleHook(self)),
         ]
+        # The process-wide hook must not keep an unreferenced recorder (and its model) alive.
+        weakref.finalize(self, _forget, self._handles[1])
         if pre_hook:
             self._handles.append(model.register_forward_pre_hook(ModelHook(self, "forward_started"), with_kwargs=True))
         _recorders.add(self)

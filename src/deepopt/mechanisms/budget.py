@@ -25,6 +25,7 @@ Example:
     >>> model, opt = deepopt.activate(model, opt, budget=1.5)
     >>> opt.mechanism("sam")
     BudgetSAM(budget=1.5, rho=0.05, warmup=1000)
+    >>> base = deepopt.deactivate(model, opt)  # removes what it installed
 """
 
 from __future__ import annotations

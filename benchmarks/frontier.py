@@ -35,7 +35,7 @@ from pathlib import Path
 from .stats import interval
 
 __all__ = ["BUDGETS", "mode_point", "index", "costs", "choose_classical", "frontier_gains", "summary_table",
-           "setup_table", "announced_table", "read_prices", "frontier_plot"]
+           "setup_table", "announced_table", "radius_variant", "radius_table", "read_prices", "frontier_plot"]
 
 #: The kind of a budget run whose loop announces its length (``optimizer.total_steps``).
 ANNOUNCED = "deepopt, length announced"
@@ -253,6 +253,58 @@ def _cost_cell(prices: dict | None, setup: str, share: float | None, runs: list[
     """The timed cost where the step prices are known, else the runs' (marked ``run``)."""
     t = _timed(prices, setup, share)
     return f"{t:.2f}x" if t is not None else (f"{_median(runs)} run" if runs else "")
+
+
+def radius_variant(mode: str) -> str | None:
+    """The name of a ``BudgetSAM`` variant at budget 1.5 (another radius, no ramp, ASAM), else ``None``.
+
+    Example:
+        >>> radius_variant('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.1,"warmup":0}]}')
+        'SAM rho 0.1, no ramp'
+        >>> radius_variant('deepopt:{"budget": 1.5}')
+        'SAM rho 0.05 (budget=1.5)'
+    """
+    if mode == 'deepopt:{"budget": 1.5}':
+        return "SAM rho 0.05 (budget=1.5)"
+    if not mode.startswith("deepopt:"):
+        return None
+    try:
+        kwargs = json.loads(mode.split(":", 1)[1])
+        (sam,) = kwargs.pop("experimental")
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+        return None
+    if kwargs or sam.get("class") != "BudgetSAM" or sam.get("budget") != 1.5:
+        return None
+    ramp = "" if sam.get("warmup", 1000) == 1000 else (", no ramp" if sam["warmup"] == 0 else f", ramp {sam['warmup']}")
+    return f"{'ASAM' if sam.get('adaptive') else 'SAM'} rho {sam.get('rho', 0.05):g}{ramp}"
+
+
+def radius_table(rows: list[dict]) -> str:
+    """The radius screen at budget 1.5: each variant's paired gain over ``budget=1.5`` as
+    shipped (rho 0.05, 1,000-step ramp), mean over setups in points with its 95% interval, on
+    the **validation** split (where a variant is chosen) and on **test** (where it is judged)."""
+    idx = {split: defaultdict(dict) for split in ("val", "test")}
+    for r in rows:
+        name = radius_variant(r["mode"])
+        if name is not None and r.get("final") is not None and _better(r) > 0:
+            idx[r["split"]][(r["setup"], name)][r["seed"]] = r["final"]
+    ref = "SAM rho 0.05 (budget=1.5)"
+    names = sorted({n for _, n in idx["val"]} - {ref})
+    out = ["| variant (budget 1.5) | setups | val: gain vs rho 0.05 | val: won ▲ / lost ▼ | test: gain vs rho 0.05 "
+           "| test: won ▲ / lost ▼ |", "|---|---|---|---|---|---|"]
+    for name in names:
+        cells = []
+        for split in ("val", "test"):
+            per = {}
+            for (setup, n), runs in idx[split].items():
+                base = idx[split].get((setup, ref), {})
+                if n == name and set(runs) & set(base):
+                    per[setup] = [runs[k] - base[k] for k in sorted(set(runs) & set(base))]
+            cis = [interval(v) for v in per.values()]
+            won, lost = sum(m - h > 0 for m, h in cis), sum(m + h < 0 for m, h in cis)
+            cells.append((len(per), _fmt([statistics.fmean(v) for v in per.values()]), f"{won} / {lost}"))
+        out.append(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][1]} | {cells[1][2]} |")
+    return "\n".join(out)
 
 
 def read_prices(path: Path) -> dict[str, dict[str, float]]:

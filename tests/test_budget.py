@@ -163,6 +163,16 @@ def test_two_pass_cost_sets_the_share_a_budget_buys():
         BudgetSAM(1.5, two_pass_cost=1)
 
 
+def test_adaptive_takes_the_asam_steps_of_two_pass_sam_on_the_same_window():
+    trace, weights = two_pass_trace(20, total_steps=20, mechanisms=[BudgetSAM(2.25, rho=0.5, warmup=0, adaptive=True)])
+    _, asam = two_pass_trace(20, mechanisms=[TwoPassSAM(0.5, adaptive=True)])
+    _, sam = two_pass_trace(20, mechanisms=[TwoPassSAM(0.5)])
+    assert trace == [1] * 20
+    assert all(torch.equal(a, b) for a, b in zip(weights, asam))
+    assert not all(torch.equal(a, b) for a, b in zip(weights, sam))  # the radius is scale-adaptive
+    assert "adaptive=True" in repr(BudgetSAM(1.5, adaptive=True))
+
+
 def test_a_dropped_activation_leaves_no_process_wide_hook():
     """The recorder's hook on every module call holds it weakly: dropping the model and
     optimizer without deactivate() removes it (it would keep the model alive and make

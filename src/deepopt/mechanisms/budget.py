@@ -51,15 +51,16 @@ class BudgetSAM(TwoPassSAM):
         rho: the SAM radius. warmup: steps over which the radius ramps up from 0.
         two_pass_cost: what a two-pass step is counted as, in plain steps (experimental;
             2.0 is the first accounting, by passes, that the zoo's first budget rows ran with).
+        adaptive: ASAM's scale-adaptive radius (experimental; BENCHMARKS.md, section 5.2).
     """
 
     def __init__(self, budget: float, rho: float = 0.05, warmup: int = 1000,
-                 two_pass_cost: float = TWO_PASS_COST) -> None:
+                 two_pass_cost: float = TWO_PASS_COST, adaptive: bool = False) -> None:
         if not two_pass_cost > 1.0:
             raise ValueError(f"two_pass_cost={two_pass_cost!r} is invalid: it must be a number > 1, e.g. 2.25.")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1.0 < budget <= two_pass_cost:
             raise ValueError(f"budget={budget!r} is invalid: BudgetSAM needs a number in (1, {two_pass_cost:g}].")
-        super().__init__(rho, warmup, lr_range=(0.0, LOW_LR))
+        super().__init__(rho, warmup, adaptive=adaptive, lr_range=(0.0, LOW_LR))
         self.budget, self.two_pass_cost = float(budget), float(two_pass_cost)
         self.horizon = Horizon()
 
@@ -100,8 +101,9 @@ class BudgetSAM(TwoPassSAM):
 
     @property
     def label(self) -> str:
-        return f"budget={self.budget:g} (two-pass SAM, rho {self.rho:g})"
+        return f"budget={self.budget:g} (two-pass {'ASAM' if self.adaptive else 'SAM'}, rho {self.rho:g})"
 
     def __repr__(self) -> str:
         cost = "" if self.two_pass_cost == TWO_PASS_COST else f", two_pass_cost={self.two_pass_cost:g}"
+        cost += ", adaptive=True" if self.adaptive else ""
         return f"BudgetSAM(budget={self.budget:g}, rho={self.rho:g}, warmup={self.warmup}{cost})"

@@ -261,6 +261,8 @@ def radius_variant(mode: str) -> str | None:
     Example:
         >>> radius_variant('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.1,"warmup":0}]}')
         'SAM rho 0.1, no ramp'
+        >>> radius_variant('deepopt:{"experimental":[{"class":"TwoPassSAM","rho":0.05,"every":3}]}')
+        'periodic SAM every 3 steps, rho 0.05'
         >>> radius_variant('deepopt:{"budget": 1.5}')
         'SAM rho 0.05 (budget=1.5)'
     """
@@ -273,6 +275,8 @@ def radius_variant(mode: str) -> str | None:
         (sam,) = kwargs.pop("experimental")
     except (json.JSONDecodeError, KeyError, ValueError, TypeError):
         return None
+    if not kwargs and sam.get("class") == "TwoPassSAM" and sam.get("every", 1) > 1 and not sam.get("reuse"):
+        return f"periodic SAM every {sam['every']} steps, rho {sam.get('rho', 0.05):g}"
     if kwargs or sam.get("class") != "BudgetSAM" or sam.get("budget") != 1.5:
         return None
     ramp = "" if sam.get("warmup", 1000) == 1000 else (", no ramp" if sam["warmup"] == 0 else f", ramp {sam['warmup']}")

@@ -29,6 +29,8 @@ RADII=()
 for r in 0.02 0.1 0.2; do RADII+=('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":'$r'}]}'); done
 for r in 0.05 0.1; do RADII+=('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":'$r',"warmup":0}]}'); done
 for r in 0.5 1.0; do RADII+=('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":'$r',"adaptive":true}]}'); done
+# and periodic SAM (two passes every 3rd step from the start: a share of 1/3, whatever the schedule)
+RADII+=('deepopt:{"experimental":[{"class":"TwoPassSAM","rho":0.05,"warmup":1000,"every":3}]}')
 zoo() { python -m benchmarks zoo --observers --threads 1 --out "$OUT" --data "$DATA" "$@"; }
 what=${1:-all}
 if [[ $what == cheap || $what == all ]]; then

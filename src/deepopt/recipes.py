@@ -136,8 +136,8 @@ RECIPES: dict[str, Settings] = {
     "default": Settings(dropout_match=True, average="power", average_width=0.05, average_follows_lr=True,
                         average_every=4, average_samples=8),
     # The default plus a compute budget of 1.5x: exact two-pass SAM (rho 0.05, Foret et al.'s
-    # CIFAR value) on the last half of a run that announces its length, else once the LR has
-    # fallen to a tenth of its peak, never past half of the steps so far. SAM late in
+    # CIFAR value) on the last 40% of a run that announces its length, else once the LR has
+    # fallen to a tenth of its peak, never past 40% of the steps so far. SAM late in
     # training finds the flat minima SAM throughout does (Zhou et al., ICLR 2025). Its
     # predecessor (SAM on every step after the LR fell to a tenth, no cap: ~1.75x under the
     # seed's drops) gave +0.53/+0.80 points on nets 6/5 at 20 epochs and +1.44 on net 6 at

@@ -8,7 +8,8 @@ same name). BENCHMARKS.md, section 1, has the measurements behind each verdict.
   form is ``Settings.rho``);
 * :class:`TwoPassSAM` with a radius, a warm-up, ASAM's ``adaptive`` radius, an ``lr_range``,
   or LookSAM's ``every``/``reuse`` (``Settings.budget`` decides its steps otherwise);
-* :class:`BudgetSAM` with another radius, warm-up or ``two_pass_cost`` than ``budget``'s;
+* :class:`BudgetSAM` with another radius, warm-up, ASAM's ``adaptive`` radius or
+  ``two_pass_cost`` than ``budget``'s (BENCHMARKS.md, section 5.2, screens them);
 * :class:`Calibration` with another ``threshold`` than 1e-3;
 * :class:`WeightNoise`: random weight perturbation;
 * :class:`Lookahead`: slow/fast weights;

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(frontier.radius_variant(r["mode"]) not in (None, "SAM rho 0.05 (budget=1.5)") for r in rows):
                 text = put(text, "zoo-frontier-radius", frontier.radius_table(rows))
             # the picture sits beside its rows (benchmarks/results/budget/frontier.png)
-            png = frontier.frontier_plot(rows, path.with_name("frontier.png")) if args.plots else "no plot"
+            png = frontier.frontier_plot(rows, path.with_name("frontier.png"), prices) if args.plots else "no plot"
             plotted += [png] if args.plots else []
             say(f"{stem}: {len(rows)} rows; tables zoo-frontier, zoo-frontier-x{{1.25,1.5,2}}; {png}")
             continue

@@ -286,28 +286,35 @@ def radius_variant(mode: str) -> str | None:
 def radius_table(rows: list[dict]) -> str:
     """The radius screen at budget 1.5: each variant's paired gain over ``budget=1.5`` as
     shipped (rho 0.05, 1,000-step ramp), mean over setups in points with its 95% interval, on
-    the **validation** split (where a variant is chosen) and on **test** (where it is judged)."""
-    idx = {split: defaultdict(dict) for split in ("val", "test")}
+    the **validation** split (where a variant is chosen) and on **test** (where it is judged);
+    the language model (bits per character saved) beside them."""
+    idx: dict = {split: defaultdict(dict) for split in ("val", "test")}
+    points: dict[str, bool] = {}
     for r in rows:
         name = radius_variant(r["mode"])
-        if name is not None and r.get("final") is not None and _better(r) > 0:
-            idx[r["split"]][(r["setup"], name)][r["seed"]] = r["final"]
+        if name is not None and r.get("final") is not None:
+            idx[r["split"]][(r["setup"], name)][r["seed"]] = _better(r) * r["final"]
+            points[r["setup"]] = _better(r) > 0
     ref = "SAM rho 0.05 (budget=1.5)"
     names = sorted({n for _, n in idx["val"]} - {ref})
-    out = ["| variant (budget 1.5) | setups | val: gain vs rho 0.05 | val: won ▲ / lost ▼ | test: gain vs rho 0.05 "
-           "| test: won ▲ / lost ▼ |", "|---|---|---|---|---|---|"]
+    out = ["| variant (budget 1.5) | setups in points | val: gain vs rho 0.05 | val: won ▲ / lost ▼ | "
+           "test: gain vs rho 0.05 | test: won ▲ / lost ▼ | LM bits/char saved: val / test |",
+           "|---|---|---|---|---|---|---|"]
     for name in names:
-        cells = []
+        cells, lm = [], []
         for split in ("val", "test"):
             per = {}
             for (setup, n), runs in idx[split].items():
                 base = idx[split].get((setup, ref), {})
                 if n == name and set(runs) & set(base):
                     per[setup] = [runs[k] - base[k] for k in sorted(set(runs) & set(base))]
-            cis = [interval(v) for v in per.values()]
+            cis = [interval(v) for s, v in per.items() if points[s]]
             won, lost = sum(m - h > 0 for m, h in cis), sum(m + h < 0 for m, h in cis)
-            cells.append((len(per), _fmt([statistics.fmean(v) for v in per.values()]), f"{won} / {lost}"))
-        out.append(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][1]} | {cells[1][2]} |")
+            cells.append((len(cis), _fmt([statistics.fmean(v) for s, v in per.items() if points[s]]),
+                          f"{won} / {lost}"))
+            lm.append(next((_fmt(v, 3) for s, v in per.items() if not points[s]), ""))
+        out.append(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][1]} | {cells[1][2]} | "
+                   f"{' / '.join(lm) if any(lm) else ''} |")
     return "\n".join(out)
 
 

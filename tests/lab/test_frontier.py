@@ -116,11 +116,12 @@ def test_the_radius_screen_pairs_each_variant_with_budget_1_5_on_both_splits():
     for seed in range(3):
         for split, gain in (("val", 1.0), ("test", -0.5)):  # better on validation, worse on test
             rows += [_row("a", shipped, seed, split, 80 + seed), _row("a", asam, seed, split, 80 + seed + gain),
-                     _row("lm", asam, seed, split, 3.0, task="lm")]  # bits/char: left out
+                     _row("lm", shipped, seed, split, 3.0, task="lm"),  # bits/char: lower is better
+                     _row("lm", asam, seed, split, 3.0 - gain / 100, task="lm")]
     assert frontier.radius_variant(asam) == "ASAM rho 0.5"
     assert frontier.radius_variant('deepopt:{"budget": 2}') is None
     (line,) = frontier.radius_table(rows).splitlines()[2:]
-    assert line == "| ASAM rho 0.5 | 1 | +1.00 | 1 / 0 | -0.50 | 0 / 1 |"
+    assert line == "| ASAM rho 0.5 | 1 | +1.00 | 1 / 0 | -0.50 | 0 / 1 | +0.010 ± 0.000 ▲ / -0.005 ± 0.000 ▼ |"
 
 
 def test_a_budget_run_takes_its_second_pass_on_the_last_share_of_an_announced_run(data):

@@ -255,6 +255,10 @@ def _cost_cell(prices: dict | None, setup: str, share: float | None, runs: list[
     return f"{t:.2f}x" if t is not None else (f"{_median(runs)} run" if runs else "")
 
 
+#: The radius screen's reference: ``budget=1.5`` as shipped; ``TOLD``: its loop announces the length.
+REFERENCE, TOLD = "SAM rho 0.05 (budget=1.5)", ", length announced"
+
+
 def radius_variant(mode: str) -> str | None:
     """The name of a ``BudgetSAM`` variant at budget 1.5 (another radius, no ramp, ASAM), else ``None``.
 
@@ -266,21 +270,25 @@ def radius_variant(mode: str) -> str | None:
         >>> radius_variant('deepopt:{"budget": 1.5}')
         'SAM rho 0.05 (budget=1.5)'
     """
-    if mode == 'deepopt:{"budget": 1.5}':
-        return "SAM rho 0.05 (budget=1.5)"
     if not mode.startswith("deepopt:"):
         return None
     try:
         kwargs = json.loads(mode.split(":", 1)[1])
+    except json.JSONDecodeError:
+        return None
+    told = TOLD if kwargs.pop(ANNOUNCE, False) else ""
+    if kwargs == {"budget": 1.5}:
+        return REFERENCE + told
+    try:
         (sam,) = kwargs.pop("experimental")
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError):
         return None
     if not kwargs and sam.get("class") == "TwoPassSAM" and sam.get("every", 1) > 1 and not sam.get("reuse"):
-        return f"periodic SAM every {sam['every']} steps, rho {sam.get('rho', 0.05):g}"
+        return f"periodic SAM every {sam['every']} steps, rho {sam.get('rho', 0.05):g}" + told
     if kwargs or sam.get("class") != "BudgetSAM" or sam.get("budget") != 1.5:
         return None
     ramp = "" if sam.get("warmup", 1000) == 1000 else (", no ramp" if sam["warmup"] == 0 else f", ramp {sam['warmup']}")
-    return f"{'ASAM' if sam.get('adaptive') else 'SAM'} rho {sam.get('rho', 0.05):g}{ramp}"
+    return f"{'ASAM' if sam.get('adaptive') else 'SAM'} rho {sam.get('rho', 0.05):g}{ramp}{told}"
 
 
 def radius_table(rows: list[dict]) -> str:
@@ -295,8 +303,7 @@ def radius_table(rows: list[dict]) -> str:
         if name is not None and r.get("final") is not None:
             idx[r["split"]][(r["setup"], name)][r["seed"]] = _better(r) * r["final"]
             points[r["setup"]] = _better(r) > 0
-    ref = "SAM rho 0.05 (budget=1.5)"
-    names = sorted({n for _, n in idx["val"]} - {ref})
+    names = sorted(n for n in {n for _, n in idx["val"]} if not n.startswith(REFERENCE))
     out = ["| variant (budget 1.5) | setups in points | val: gain vs rho 0.05 | val: won ▲ / lost ▼ | "
            "test: gain vs rho 0.05 | test: won ▲ / lost ▼ | LM bits/char saved: val / test |",
            "|---|---|---|---|---|---|---|"]
@@ -305,7 +312,7 @@ def radius_table(rows: list[dict]) -> str:
         for split in ("val", "test"):
             per = {}
             for (setup, n), runs in idx[split].items():
-                base = idx[split].get((setup, ref), {})
+                base = idx[split].get((setup, REFERENCE + (TOLD if name.endswith(TOLD) else "")), {})
                 if n == name and set(runs) & set(base):
                     per[setup] = [runs[k] - base[k] for k in sorted(set(runs) & set(base))]
             cis = [interval(v) for s, v in per.items() if points[s]]

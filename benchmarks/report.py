@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 text = put(text, f"zoo-frontier-x{b:g}", frontier.setup_table(rows, b, prices))
             if any(frontier.mode_point(r["mode"]) == (frontier.ANNOUNCED, 1.5) for r in rows):
                 text = put(text, "zoo-frontier-announced", frontier.announced_table(rows, prices))
-            if any(frontier.radius_variant(r["mode"]) not in (None, "SAM rho 0.05 (budget=1.5)") for r in rows):
+            if any(not (frontier.radius_variant(r["mode"]) or frontier.REFERENCE).startswith(frontier.REFERENCE)
+                   for r in rows):
                 text = put(text, "zoo-frontier-radius", frontier.radius_table(rows))
             # the picture sits beside its rows (benchmarks/results/budget/frontier.png)
             png = frontier.frontier_plot(rows, path.with_name("frontier.png"), prices) if args.plots else "no plot"

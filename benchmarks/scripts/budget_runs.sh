@@ -3,7 +3,7 @@
 # budgets 1/1.25/1.5/2 on the zoo's cheap setups (5 seeds) and the setups with headroom (3 seeds),
 # one thread, one process at a time; resumable (finished runs are skipped).
 # and the zoo's other setups (the rest stage, 5 seeds, seed by seed).
-# Run from the repository's root: bash benchmarks/scripts/budget_runs.sh [cheap|headroom|cost|announced|rest|radius|all]
+# Run from the repository's root: bash benchmarks/scripts/budget_runs.sh [cheap|headroom|cost|announced|rest|radius|radius-more|all]
 # (CHEAP_SEEDS, SEEDS: the seeds of the cheap and headroom stages; the defaults are 0-4 and 0-2)
 set -euo pipefail
 OUT=benchmarks/results/budget/zoo-budget.jsonl
@@ -31,6 +31,14 @@ for r in 0.05 0.1; do RADII+=('deepopt:{"experimental":[{"class":"BudgetSAM","bu
 for r in 0.5 1.0; do RADII+=('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":'$r',"adaptive":true}]}'); done
 # and periodic SAM (two passes every 3rd step from the start: a share of 1/3, whatever the schedule)
 RADII+=('deepopt:{"experimental":[{"class":"TwoPassSAM","rho":0.05,"warmup":1000,"every":3}]}')
+# radius-more: the screen's closest variants where SAM steps run at 1.5 but the cheap stage's
+# budget does not (the setups with headroom, 3 seeds; the no-end setups with their length announced)
+CLOSEST=('deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.1,"warmup":0}]}'
+         'deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.1}]}'
+         'deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.2}]}'
+         'deepopt:{"experimental":[{"class":"BudgetSAM","budget":1.5,"rho":0.5,"adaptive":true}]}')
+CLOSEST_TOLD=()
+for m in "${CLOSEST[@]}"; do CLOSEST_TOLD+=("${m%\}}, \"announce_length\": true}"); done
 zoo() { python -m benchmarks zoo --observers --threads 1 --out "$OUT" --data "$DATA" "$@"; }
 what=${1:-all}
 if [[ $what == cheap || $what == all ]]; then
@@ -56,4 +64,10 @@ if [[ $what == rest || $what == all ]]; then
 fi
 if [[ $what == radius || $what == all ]]; then
   zoo --setups $CHEAP --seeds ${CHEAP_SEEDS:-0 1 2 3 4} --modes "${RADII[@]}"
+fi
+if [[ $what == radius-more || $what == all ]]; then
+  for seed in ${SEEDS:-0 1 2}; do
+    zoo --setups $HEADROOM --seeds $seed --modes "${CLOSEST[@]}"
+  done
+  zoo --setups $UNANNOUNCED --seeds ${CHEAP_SEEDS:-0 1 2 3 4} --modes "${CLOSEST_TOLD[@]}"
 fi

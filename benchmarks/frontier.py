@@ -319,7 +319,7 @@ def radius_table(rows: list[dict]) -> str:
             won, lost = sum(m - h > 0 for m, h in cis), sum(m + h < 0 for m, h in cis)
             cells.append((len(cis), _fmt([statistics.fmean(v) for s, v in per.items() if points[s]]),
                           f"{won} / {lost}"))
-            lm.append(next((_fmt(v, 3) for s, v in per.items() if not points[s]), ""))
+            lm.append(next((_fmt(v, 4) for s, v in per.items() if not points[s]), ""))
         out.append(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][1]} | {cells[1][2]} | "
                    f"{' / '.join(lm) if any(lm) else ''} |")
     return "\n".join(out)

@@ -121,7 +121,7 @@ def test_the_radius_screen_pairs_each_variant_with_budget_1_5_on_both_splits():
     assert frontier.radius_variant(asam) == "ASAM rho 0.5"
     assert frontier.radius_variant('deepopt:{"budget": 2}') is None
     (line,) = frontier.radius_table(rows).splitlines()[2:]
-    assert line == "| ASAM rho 0.5 | 1 | +1.00 | 1 / 0 | -0.50 | 0 / 1 | +0.010 ± 0.000 ▲ / -0.005 ± 0.000 ▼ |"
+    assert line == "| ASAM rho 0.5 | 1 | +1.00 | 1 / 0 | -0.50 | 0 / 1 | +0.0100 ± 0.0000 ▲ / -0.0050 ± 0.0000 ▼ |"
     # a loop that announces its length is paired with the shipped budget on such a loop
     told, told_asam = (m[:-1] + ', "announce_length": true}' for m in (shipped, asam))
     rows += [_row("a", m, seed, split, 70 + (m == told_asam))
